@@ -1,0 +1,3 @@
+from golf.cli import main
+
+main()
