@@ -102,12 +102,12 @@ class TrainConfig:
     adam_eps: float = 1e-8
     grad_clip_norm: float = 0.0  # 0 = off
     ema_decay: float = 0.0  # 0 = off; export uses the EMA weights when on
-    val_loss_every: int = 0  # 0 = only at the end
     train_log_every: int = 50
     compile: bool = True
     amp_dtype: str = "bfloat16"  # bfloat16 | float32
     out_dir: str = "runs/latest"
-    checkpoint_every_seconds: float = 0.0  # 0 = only on stop/SIGTERM
+    checkpoint_every_seconds: float = 0.0  # 0 = only on SIGTERM
+    resume: bool = False  # continue from out_dir/checkpoint_rank*.pt
 
 
 @dataclass

@@ -1,0 +1,296 @@
+"""The wallclock trainer: one readable loop, honest timing, never over the cap.
+
+Notable:
+- Progress is measured by wallclock: elapsed / (cap - GPTQ reserve). The LR schedule, the
+  switch to depth recurrence and the stop all read it, so a run adapts to the hardware.
+- Compile warmup runs real steps (the looped graph too) before the timer starts, then restores
+  the initial weights, optimizer state and data stream: compile time stays out of the budget
+  and the timed run is the same run it would have been.
+- A step is only started when it is predicted to end before the cap; ranks agree on every
+  wallclock decision through one small all-reduce per step.
+- NaN/inf loss stops the run (the last checkpoint is kept); SIGTERM writes a checkpoint that
+  `resume=True` continues bit-for-bit on CPU.
+- EMA of the weights (decay `ema_decay`) is what gets exported.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.distributed as dist
+
+from golf.config import Config, ConfigError, GolfError
+from golf.data import TokenLoader, list_shards
+from golf.dist import DistInfo, init_distributed
+from golf.model import GPT
+from golf.optim import all_reduce_grads, build_optimizers, lr_multiplier, muon_momentum_at
+
+PROCESS_START = time.perf_counter()
+H100_BF16_PEAK_FLOPS = 798e12  # dense bf16 matmul measured on one H100 of the lent machines
+
+
+class TrainingDiverged(GolfError):
+    """The loss became NaN or infinite."""
+
+
+@dataclass
+class TrainResult:
+    model: GPT  # holds the export weights (EMA when enabled)
+    steps: int
+    train_time_s: float  # timed training only (compile warmup excluded)
+    tokens_seen: int
+    stopped: str  # iterations | wallclock | sigterm
+    startup_s: float  # process start → first timed step
+    phases: dict[str, float] = field(default_factory=dict)
+    losses: list[tuple[int, float]] = field(default_factory=list)
+    attn_backend: str = ""
+
+
+def micro_batch_plan(cfg: Config, world_size: int) -> tuple[int, int]:
+    """(grad accumulation steps, sequences per micro-batch per rank) for the global batch."""
+    t = cfg.train
+    seqs_global = t.train_batch_tokens // t.train_seq_len
+    if seqs_global % world_size:
+        raise ConfigError(f"train_batch_tokens/train_seq_len = {seqs_global} sequences "
+                          f"do not split over {world_size} ranks")
+    seqs_rank = seqs_global // world_size
+    accum = t.grad_accum_steps or max(1, math.ceil(seqs_rank * t.train_seq_len / t.micro_batch_tokens))
+    while seqs_rank % accum:  # the smallest accumulation >= the wanted one that divides evenly
+        accum += 1
+    return accum, seqs_rank // accum
+
+
+class _StopSignal:
+    """Turns SIGTERM into a flag the loop polls, so a checkpoint is written between steps."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous = None
+
+    def __enter__(self) -> "_StopSignal":
+        try:
+            self._previous = signal.signal(signal.SIGTERM, self._handle)
+        except ValueError:  # not the main thread (e.g. inside a test runner thread)
+            self._previous = None
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        self.requested = True
+
+    def __exit__(self, *exc) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+
+
+def _checkpoint_path(out_dir: Path, rank: int) -> Path:
+    return out_dir / f"checkpoint_rank{rank}.pt"
+
+
+def _save_checkpoint(path: Path, state: dict) -> None:
+    tmp = path.with_suffix(".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def train(cfg: Config, info: DistInfo | None = None, log: Callable[[str], None] = print,
+          on_step: Callable[[int, float], None] | None = None, export: bool = True) -> TrainResult:
+    """Train `cfg` within its wallclock cap; returns the model holding the export weights.
+
+    With `export`, rank 0 also writes the export weights (`final_model.pt`) and `config.json`
+    to `out_dir` for `golf quantize`; the end-to-end job skips that (its artifact is the export).
+    """
+    info = info or init_distributed()
+    t, device = cfg.train, info.device
+    out_dir = Path(t.out_dir)
+    if info.is_main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    phases: dict[str, float] = {}
+    t_setup = time.perf_counter()
+
+    # ------------------------------------------------------------------ model, optimizers, data
+    torch.manual_seed(t.seed)  # identical init on every rank
+    model = GPT(cfg.model).to(device)
+    optimizers = build_optimizers(model, t)
+    params = [p for p in model.parameters() if p.requires_grad]
+    accum, micro_seqs = micro_batch_plan(cfg, info.world_size)
+    files = list_shards(cfg.data.data_path, cfg.data.train_files)
+    loader = TokenLoader(files, t.train_seq_len, rank=info.rank, world_size=info.world_size,
+                         seed=t.seed, doc_packed=cfg.data.doc_packed)
+    use_cuda = device.type == "cuda"
+    amp = (torch.autocast("cuda", dtype=torch.bfloat16) if use_cuda and t.amp_dtype == "bfloat16"
+           else torch.autocast("cpu", enabled=False))
+    loss_fn = torch.compile(model.loss, dynamic=False) if t.compile else model.loss
+    ema = [p.detach().float().clone() for p in params] if t.ema_decay > 0 else None
+    log(f"model: {model.num_params():,} params, attention backend {model.attn_backend_name}, "
+        f"world {info.world_size}, grad_accum {accum} x {micro_seqs} seqs of {t.train_seq_len}")
+
+    def train_step(progress: float, step: int) -> torch.Tensor:
+        for opt in optimizers:
+            for group in opt.param_groups:
+                group["lr"] = group["base_lr"] * lr_multiplier(progress, t.warmdown_frac, t.lr_floor)
+                if "momentum" in group:
+                    group["momentum"] = muon_momentum_at(step, t)
+        total = torch.zeros((), device=device)
+        for _ in range(accum):
+            x, y = loader.next_batch(micro_seqs, device)
+            with amp:
+                loss = loss_fn(x, y)
+            (loss / accum).backward()
+            total += loss.detach()
+        all_reduce_grads(params)
+        if t.grad_clip_norm > 0:
+            torch.nn.utils.clip_grad_norm_(params, t.grad_clip_norm)
+        for opt in optimizers:
+            opt.step()
+        model.zero_grad(set_to_none=True)
+        if ema is not None:
+            torch._foreach_lerp_(ema, [p.detach() for p in params], 1.0 - t.ema_decay)
+        return total / accum
+
+    phases["setup"] = time.perf_counter() - t_setup
+
+    # ------------------------------------------------------------------ compile warmup (untimed)
+    t_warm = time.perf_counter()
+    if t.warmup_steps > 0:
+        initial = {
+            "model": {k: v.detach().clone() for k, v in model.state_dict().items()},
+            "optimizers": [_clone_state(opt.state_dict()) for opt in optimizers],
+            "loader": loader.state_dict(),
+        }
+        looped = cfg.model.num_loops > 1
+        for i in range(t.warmup_steps):
+            model.set_looping(looped and i >= t.warmup_steps // 2)  # compile both graphs
+            train_step(0.0, 0)
+        if use_cuda:
+            torch.cuda.synchronize()
+        model.load_state_dict(initial["model"])
+        for opt, state in zip(optimizers, initial["optimizers"]):
+            opt.load_state_dict(state)
+        loader.load_state_dict(initial["loader"])
+        if ema is not None:
+            ema = [p.detach().float().clone() for p in params]
+        model.set_looping(False)
+    phases["compile_warmup"] = time.perf_counter() - t_warm
+
+    # ------------------------------------------------------------------ resume
+    step, elapsed_before, losses = 0, 0.0, []
+    if t.resume:
+        path = _checkpoint_path(out_dir, info.rank)
+        if not path.exists():
+            raise GolfError(f"resume requested but {path} does not exist")
+        state = torch.load(path, map_location=device, weights_only=False)  # our own checkpoint
+        model.load_state_dict(state["model"])
+        for opt, s in zip(optimizers, state["optimizers"]):
+            opt.load_state_dict(s)
+        loader.load_state_dict(state["loader"])
+        if ema is not None:
+            ema = [e.to(device) for e in state["ema"]]
+        step, elapsed_before, losses = state["step"], state["elapsed"], state["losses"]
+        model.set_looping(state["looping"])
+        log(f"resumed from {path} at step {step} ({elapsed_before:.1f}s elapsed)")
+
+    # ------------------------------------------------------------------ timed loop
+    budget = t.max_wallclock_seconds - t.gptq_reserve_seconds if t.max_wallclock_seconds > 0 else 0.0
+    tokens_per_step = t.train_batch_tokens
+    flops_per_token = model.flops_per_token(t.train_seq_len)
+    peak_flops = H100_BF16_PEAK_FLOPS * info.world_size
+    stopped, last_step_s = "iterations", 0.0
+    last_checkpoint = time.perf_counter()
+    if use_cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats(device)
+    startup_s = time.perf_counter() - PROCESS_START
+    t0 = time.perf_counter() - elapsed_before
+    first_step = step
+    with _StopSignal() as stop_signal:
+        while step < t.iterations:
+            elapsed = time.perf_counter() - t0
+            # One all-reduce makes every wallclock decision identical on all ranks.
+            flags = torch.tensor([elapsed, float(stop_signal.requested)], device=device, dtype=torch.float64)
+            if info.world_size > 1:
+                dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+            elapsed, sigterm = flags[0].item(), flags[1].item() > 0
+            if sigterm:
+                stopped = "sigterm"
+                break
+            # Looped steps are slower than the average, so the previous step predicts the next.
+            if budget > 0 and elapsed + 1.05 * last_step_s > budget:
+                stopped = "wallclock"
+                break
+            progress = min(1.0, elapsed / budget) if budget > 0 else step / max(t.iterations, 1)
+            if cfg.model.num_loops > 1 and not model.looping and progress >= cfg.model.loop_enable_frac:
+                model.set_looping(True)
+                flops_per_token = model.flops_per_token(t.train_seq_len)
+                log(f"step:{step} depth recurrence on: layer order {model.layer_order()}")
+            loss = train_step(progress, step).item()  # .item() syncs: the step is really done
+            step += 1
+            last_step_s = time.perf_counter() - t0 - elapsed
+            if not math.isfinite(loss):
+                kept = _checkpoint_path(out_dir, info.rank)
+                where = f"last good checkpoint kept at {kept}" if kept.exists() else "no checkpoint was written"
+                raise TrainingDiverged(f"loss became {loss} at step {step}; {where}")
+            losses.append((step, loss))
+            elapsed = time.perf_counter() - t0
+            step_avg = (elapsed - elapsed_before) / (step - first_step)
+            if on_step is not None:
+                on_step(step, loss)
+            if step % t.train_log_every == 0 or step == t.iterations or step == 1:
+                tok_s = tokens_per_step / step_avg
+                mfu = tok_s * flops_per_token / peak_flops if use_cuda else 0.0
+                mem = torch.cuda.max_memory_allocated(device) / 2**30 if use_cuda else 0.0
+                log(f"step:{step}/{t.iterations} train_loss:{loss:.4f} train_time:{elapsed * 1000:.0f}ms "
+                    f"step_avg:{step_avg * 1000:.2f}ms tok/s:{tok_s:.0f} mfu:{mfu:.3f} peak_mem:{mem:.1f}GiB")
+            if t.checkpoint_every_seconds > 0 and time.perf_counter() - last_checkpoint > t.checkpoint_every_seconds:
+                _save_checkpoint(_checkpoint_path(out_dir, info.rank),
+                                 _train_state(model, optimizers, loader, ema, step, elapsed, losses))
+                last_checkpoint = time.perf_counter()
+    train_time = time.perf_counter() - t0
+    phases["train"] = train_time - elapsed_before
+    if stopped == "sigterm":
+        path = _checkpoint_path(out_dir, info.rank)
+        _save_checkpoint(path, _train_state(model, optimizers, loader, ema, step, train_time, losses))
+        log(f"SIGTERM: checkpoint written to {path} at step {step}; continue with RESUME=1")
+    log(f"stopped ({stopped}) at step {step}, train_time:{train_time * 1000:.0f}ms, "
+        f"startup to first timed step {startup_s:.1f}s")
+
+    # ------------------------------------------------------------------ export weights
+    if ema is not None:
+        with torch.no_grad():
+            for p, e in zip(params, ema):
+                p.copy_(e)
+    if export and info.is_main and stopped != "sigterm":
+        torch.save(model.state_dict(), out_dir / "final_model.pt")
+        cfg.save(out_dir / "config.json")
+    return TrainResult(model=model, steps=step, train_time_s=train_time, tokens_seen=step * tokens_per_step,
+                       stopped=stopped, startup_s=startup_s, phases=phases, losses=losses,
+                       attn_backend=model.attn_backend_name)
+
+
+def _clone_state(state):
+    if isinstance(state, torch.Tensor):
+        return state.detach().clone()
+    if isinstance(state, dict):
+        return {k: _clone_state(v) for k, v in state.items()}
+    if isinstance(state, list):
+        return [_clone_state(v) for v in state]
+    return state
+
+
+def _train_state(model, optimizers, loader, ema, step, elapsed, losses) -> dict:
+    return {
+        "model": model.state_dict(),
+        "optimizers": [opt.state_dict() for opt in optimizers],
+        "loader": loader.state_dict(),
+        "ema": ema,
+        "step": step,
+        "elapsed": elapsed,
+        "losses": losses,
+        "looping": model.looping,
+    }
