@@ -13,8 +13,7 @@ Notable:
   Muon", PR #399). `all_reduce_grads` averages everything else in one coalesced all-reduce.
 - `build_optimizers` routes every trainable parameter to exactly one group by name, following the
   model contract in docs/architecture.md, and every group carries `base_lr` for the schedule.
-- `lr_multiplier` (constant then linear warmdown to a floor), `muon_momentum_at` (linear warmup),
-  `apply_schedule` (writes both into the param groups).
+- `lr_multiplier` (constant then linear warmdown to a floor), `muon_momentum_at` (linear warmup).
 """
 
 from __future__ import annotations
@@ -50,8 +49,8 @@ _NS_POLAR = (
     (3.285753657755655, -2.3681294933425376, 0.46449024233003106),
     (2.3465413258596377, -1.7097828382687081, 0.42323551169305323),
 )
-# Beyond its tabulated steps the Polar Express sequence equals the convergent Newton–Schulz
-# quintic (15x − 10x³ + 3x⁵)/8 (the paper's coefficient list ends there).
+# Past the 5 tabulated steps, continue with the convergent Newton–Schulz quintic
+# (15x − 10x³ + 3x⁵)/8: the Polar Express authors' own per-step list converges to it.
 _NS_POLAR_TAIL = (1.875, -1.25, 0.375)
 _NS_POLAR_SAFETY = 1.02
 
@@ -116,7 +115,7 @@ class _MuonBucket:
     """Same-shape params of one group, padded to a multiple of the world size; rank r owns
     rows [r·per_rank, (r+1)·per_rank) of the stacked buffers."""
 
-    group: dict[str, Any]
+    group_index: int  # groups are looked up per step: load_state_dict replaces the group dicts
     params: list[torch.Tensor]
     per_rank: int
     grads: torch.Tensor  # [per_rank·world, *shape]: local grads in, reduce-scatter input
@@ -139,6 +138,7 @@ class Muon(torch.optim.Optimizer):
     parameters with `all_reduce_grads`). Each rank keeps momentum buffers only for the params it
     owns, and after `step()` every rank holds identical weights. All ranks must call `step()`
     together; a param without a grad counts as a zero grad so the collectives always match.
+    Gradient clipping before `step()` therefore sees this rank's local Muon grads, as in the records.
     `launch_reduce_scatters()` may be called early (e.g. before the AdamW step) to overlap the
     reduce-scatters with other work; `step()` launches them itself otherwise.
     """
@@ -163,12 +163,12 @@ class Muon(torch.optim.Optimizer):
         if self._bucket_world == world_size:
             return self._buckets
         buckets = []
-        for group in self.param_groups:
+        for index, group in enumerate(self.param_groups):
             for (shape, dtype, device), params in _muon_by_shape(group["params"]).items():
                 per_rank = -(-len(params) // world_size)
                 padded = per_rank * world_size
                 buckets.append(_MuonBucket(
-                    group, params, per_rank,
+                    index, params, per_rank,
                     grads=torch.zeros((padded, *shape), dtype=dtype, device=device),
                     shard=torch.empty((per_rank, *shape), dtype=dtype, device=device),
                     gathered=torch.empty((padded, *shape), dtype=dtype, device=device)))
@@ -213,7 +213,8 @@ class Muon(torch.optim.Optimizer):
             owned = bucket.params[lo:lo + bucket.per_rank]  # the last ranks may own only padding
             if owned:
                 grads = list(bucket.shard[:len(owned)].mul_(1.0 / world_size))
-                self._update(bucket.group, owned, grads, list(bucket.grads[lo:lo + len(owned)]))
+                targets = list(bucket.grads[lo:lo + len(owned)])
+                self._update(self.param_groups[bucket.group_index], owned, grads, targets)
             # the reduce-scatter input is free again: it carries this rank's new weights out
             bucket.pending.append(_muon_all_gather(bucket.gathered, bucket.grads[lo:lo + bucket.per_rank]))
         for bucket in buckets:
@@ -366,11 +367,3 @@ def muon_momentum_at(step: int, tcfg: TrainConfig) -> float:
     frac = min(max(step / tcfg.muon_momentum_warmup_steps, 0.0), 1.0)
     return (1.0 - frac) * tcfg.muon_momentum_warmup_start + frac * tcfg.muon_momentum
 
-
-def apply_schedule(optimizers: Iterable[torch.optim.Optimizer], lr_mult: float, momentum: float) -> None:
-    """Set every group's lr to base_lr · lr_mult and every Muon group's momentum."""
-    for opt in optimizers:
-        for group in opt.param_groups:
-            group["lr"] = group["base_lr"] * lr_mult
-            if isinstance(opt, Muon):
-                group["momentum"] = momentum

@@ -29,7 +29,7 @@ from golf.config import Config, ConfigError, load_config
 from golf.data import TokenLoader, byte_table, list_shards, load_tokenizer, load_val_tokens
 from golf.dist import all_reduce_sum, barrier, init_distributed, world
 from golf.eval import evaluate, load_artifact_model
-from golf.pack import pack_bytes, write_artifact
+from golf.pack import write_artifact
 from golf.quant import collect_hessians, fit_to_budget
 from golf.train import train
 

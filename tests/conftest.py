@@ -5,7 +5,14 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-import pytest
+# Tiny CPU models run many times faster single-threaded, above all on a loaded 2-core box;
+# subprocesses (CLI and bundle tests) inherit the setting through the environment.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+torch.set_num_threads(1)
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("GOLF_SHARED_DATA", REPO.parent / "shared" / "data"))
@@ -51,3 +58,26 @@ def tiny_tokenizer(tmp_path_factory) -> Path:
     text = out / "corpus.txt"
     text.write_text("\n".join(small_corpus_texts()))
     return train_tokenizer([text], out / "tok", vocab_size=512)
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory, tiny_tokenizer) -> Path:
+    """Train/val shards of the small corpus, encoded with `tiny_tokenizer` (val = 8 documents)."""
+    import json
+
+    from golf.data import build_shards
+
+    root = tmp_path_factory.mktemp("data")
+    corpus = root / "corpus.jsonl"
+    corpus.write_text("".join(json.dumps({"text": t}) + "\n" for t in small_corpus_texts(120)))
+    build_shards([corpus], tiny_tokenizer, root / "shards", val_docs=8, workers=1)
+    return root / "shards"
+
+
+def tiny_config(tiny_data: Path, tiny_tokenizer: Path, out_dir: Path, **overrides):
+    """The tiny preset pointed at the test data, with `key=value` overrides."""
+    from golf.config import load_config
+
+    items = [f"data_path={tiny_data}", f"tokenizer_path={tiny_tokenizer}", f"out_dir={out_dir}"]
+    items += [f"{k}={v}" for k, v in overrides.items()]
+    return load_config("tiny", items, environ={})

@@ -1,0 +1,694 @@
+"""Exact bits-per-byte evaluation: plain and sliding windows, and legal score-first test-time training.
+
+Notable:
+- BPB = (Σ token NLL in nats / ln 2) / Σ bytes, the bytes of each target coming from golf.data's
+  `ByteTable` (the UTF-8 bytes the token decodes to). Per byte rather than per token makes the
+  score tokenizer-independent: a bigger vocabulary lowers the loss per token but also covers more
+  bytes per token, so only a better model of the *text* lowers BPB.
+- Targets are val_tokens[1:]: target t (the token at position t+1) is predicted from
+  val_tokens[:t+1]. NLL is the full normalized softmax in float32 (cross entropy on the float32
+  logits), under bf16 autocast on CUDA. BOS targets count their NLL and 0 bytes, as officially.
+- Every target is scored exactly once in every mode. Each run checks this from the spans that were
+  actually scored on every rank (no overlap, no gap), not from the plan.
+- Sliding window (`eval_stride` > 0): the first window scores all its positions, later windows only
+  their last `stride`; the final window ends at the end of the stream and scores only what is left.
+- Score-first TTT keeps the community's four conditions (causal, normalized, score before update,
+  single pass); every chunk is scored under no_grad before any update that uses it:
+  - `sgd` (#1493): the stream in `ttt_chunk_tokens` chunks; after scoring a chunk (windows may
+    reach back into earlier chunks for context) all weights take `ttt_epochs` SGD steps on it,
+    cosine LR over chunks, grads summed over ranks as a global token mean.
+  - `lora` (#1530/#1626): per document, LoRA on q/k/v/o, MLP fc/proj and the head through forward
+    hooks; the document is walked in `lora_chunk_tokens` chunks (score, then one Adam step), the
+    adapters reset per document. Documents are batched with per-document adapters (bmm in the
+    hooks). Optional phased global SGD of the base weights pauses at fixed document counts and
+    trains only on documents already scored (fixed counts, so the schedule reads no future token).
+  TTT works on a deep copy: the caller's model is never modified.
+- Distributed: each rank scores a contiguous range of windows (or documents); float64 sums are
+  all-reduced, so N ranks give what one process gives (up to summation order).
+- no_grad rather than inference_mode: the model caches rotary tables, and tables created in
+  inference mode would make the same model untrainable afterwards (mid-training eval, TTT).
+- `assert_causal` is the executable legality check: change every token after p, re-evaluate, and
+  no NLL of a token at or before p may move.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import dataclasses
+import hashlib
+import math
+import os
+import re
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from golf.config import Config, EvalConfig, GolfError, ModelConfig, TTTConfig
+from golf.data import BOS_ID, ByteTable, byte_table, list_shards, load_tokenizer, load_val_tokens
+from golf.dist import all_reduce_sum, init_distributed, world
+from golf.model import GPT
+from golf.pack import read_artifact
+from golf.quant import dequantize_state
+
+# The modules LoRA TTT adapts: attention q/k/v/o, MLP fc/proj, and the (possibly tied) head.
+EVAL_LORA_TARGETS = re.compile(r"blocks\.\d+\.(attn\.(c_q|c_k|c_v|proj)|mlp\.(fc|proj))|lm_head")
+EVAL_LORA_SEED = 1234
+EVAL_DEFAULT_STRIDE = 64  # the record's sliding stride, for `golf eval --sliding` on a plain config
+
+
+class EvalError(GolfError):
+    """Evaluation input that cannot be scored: artifact, tokenizer, shards or output path."""
+
+
+@dataclass
+class EvalResult:
+    tokens: int  # targets scored (= len(val_tokens) - 1)
+    bytes: int
+    nll_sum: float  # nats
+    val_loss: float  # nats per token
+    val_bpb: float
+    times: dict[str, float] = field(default_factory=dict)  # seconds per phase; phases do not overlap
+    mode: str = "plain"
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+# ----------------------------------------------------------------------------- window plans
+# A plan row is (ctx, end, score): the model reads tokens[ctx:end], and targets t in [score, end)
+# (the tokens at positions t+1) are scored; ctx <= score < end.
+
+
+def window_plan(n_targets: int, seq_len: int, stride: int) -> torch.Tensor:
+    """Windows scoring targets [0, n_targets) exactly once, as int64 rows (ctx, end, score).
+
+    stride 0: non-overlapping windows of seq_len (the last one shorter). stride > 0: the first
+    window scores its seq_len targets, each later one its last `stride`, the final one only up
+    to the end of the stream."""
+    step = seq_len if stride == 0 else stride
+    ends = torch.arange(seq_len, max(seq_len, n_targets), step, dtype=torch.int64)
+    ends = torch.cat((ends, torch.tensor([n_targets], dtype=torch.int64)))
+    score = torch.cat((torch.zeros(1, dtype=torch.int64), ends[:-1]))
+    ctx = score.clone() if stride == 0 else (ends - seq_len).clamp(min=0)
+    return torch.stack((ctx, ends, score), dim=1)
+
+
+def _eval_plan_clip(plan: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
+    """The rows of `plan` that score targets in [lo, hi), cut to that range (context kept)."""
+    first = int(torch.searchsorted(plan[:, 1].contiguous(), torch.tensor(lo), right=True))
+    last = int(torch.searchsorted(plan[:, 2].contiguous(), torch.tensor(hi), right=False))
+    rows = plan[first:last].clone()
+    rows[:, 2].clamp_(min=lo)
+    rows[:, 1].clamp_(max=hi)
+    return rows
+
+
+def _eval_doc_plan(d0: int, d1: int, chunk: int, seq_len: int) -> torch.Tensor:
+    """One row per chunk of document targets [d0, d1): context from the document only, at most
+    seq_len tokens (more only if a chunk alone is longer)."""
+    score = torch.arange(d0, d1, chunk, dtype=torch.int64)
+    end = (score + chunk).clamp(max=d1)
+    ctx = torch.minimum(score, end - seq_len).clamp(min=d0)
+    return torch.stack((ctx, end, score), dim=1)
+
+
+def _eval_rank_range(n: int, rank: int, world_size: int) -> tuple[int, int]:
+    return n * rank // world_size, n * (rank + 1) // world_size
+
+
+# ----------------------------------------------------------------------------- scoring
+
+
+def _eval_window_batch(tokens: torch.Tensor, rows: torch.Tensor):
+    """(x, y, scored) for plan rows: right-padded [B, T] inputs and targets, and a bool mask of
+    the scored positions (row-major order = target order within each row)."""
+    ctx, end, score = rows.unbind(1)
+    width = int((end - ctx).max())
+    dev = tokens.device
+    ctx, end, score = ctx.to(dev), end.to(dev), score.to(dev)
+    pos = torch.arange(width, device=dev)
+    idx = ctx[:, None] + pos[None]
+    valid = idx < end[:, None]
+    last = tokens.numel() - 1
+    x = torch.where(valid, tokens[idx.clamp(max=last)], 0)  # causal: padding after never reaches them
+    y = tokens[(idx + 1).clamp(max=last)]
+    return x, y, valid & (idx >= score[:, None])
+
+
+def _eval_window_nll(model: nn.Module, tokens: torch.Tensor, rows: torch.Tensor, amp) -> torch.Tensor:
+    """Float32 NLL of the scored targets of `rows`, concatenated in row order."""
+    x, y, scored = _eval_window_batch(tokens, rows)
+    with amp:
+        logits = model(x)
+    return F.cross_entropy(logits[scored].float(), y[scored], reduction="none")
+
+
+class _EvalSink:
+    """Collects scored spans and NLL sums; `finish` checks every target was scored exactly once."""
+
+    def __init__(self, device: torch.device, keep_values: bool):
+        self.nll_sum = torch.zeros((), dtype=torch.float64, device=device)
+        self.starts: list[torch.Tensor] = []
+        self.counts: list[torch.Tensor] = []
+        self.values: list[torch.Tensor] | None = [] if keep_values else None
+        self.device = device
+
+    def add(self, rows: torch.Tensor, nll: torch.Tensor) -> None:
+        counts = rows[:, 1] - rows[:, 2]
+        if nll.numel() != int(counts.sum()):
+            raise RuntimeError(f"eval produced {nll.numel()} NLLs for {int(counts.sum())} scored targets")
+        nll = nll.detach()
+        self.nll_sum += nll.double().sum()
+        self.starts.append(rows[:, 2].clone())
+        self.counts.append(counts)
+        if self.values is not None:
+            self.values.append(nll.float().cpu())
+
+    def finish(self, tokens_cpu: torch.Tensor, n_targets: int, table: ByteTable,
+               dump_path: Path | None) -> tuple[int, int, float]:
+        empty = [torch.zeros(0, dtype=torch.int64)]
+        starts, counts = torch.cat(self.starts or empty), torch.cat(self.counts or empty)
+        runs = _eval_merge_spans(starts, counts)
+        _eval_check_tiling(runs, n_targets)
+        n_bytes = sum(int(table.count(tokens_cpu[a:b], tokens_cpu[a + 1:b + 1]).sum()) for a, b in runs)
+        extra = torch.tensor([n_bytes, int(counts.sum())], dtype=torch.float64, device=self.device)
+        totals = torch.cat((self.nll_sum.reshape(1), extra))
+        all_reduce_sum(totals)
+        if dump_path is not None:
+            self._dump(starts, counts, n_targets, dump_path)
+        nll_sum, total_bytes, total_tokens = totals.tolist()
+        return int(total_tokens), int(total_bytes), nll_sum
+
+    def _dump(self, starts: torch.Tensor, counts: torch.Tensor, n_targets: int, path: Path) -> None:
+        values = torch.cat(self.values or [torch.zeros(0)])
+        offsets = torch.cumsum(counts, 0) - counts
+        idx = torch.repeat_interleave(starts - offsets, counts) + torch.arange(values.numel())
+        full = torch.zeros(n_targets, dtype=torch.float32)
+        full[idx] = values
+        full = all_reduce_sum(full.to(self.device)).cpu()  # every target is on exactly one rank
+        if world()[0] == 0:
+            _eval_write_npy(path, full.numpy())
+
+
+def _eval_merge_spans(starts: torch.Tensor, counts: torch.Tensor) -> list[tuple[int, int]]:
+    """Sorted, merged [a, b) runs of this rank's scored spans; a target scored twice is an error."""
+    if starts.numel() == 0:
+        return []
+    order = torch.argsort(starts, stable=True)
+    s, e = starts[order], (starts + counts)[order]
+    if bool((s[1:] < e[:-1]).any()):
+        i = int(torch.nonzero(s[1:] < e[:-1])[0]) + 1
+        raise RuntimeError(f"eval scored targets {int(s[i])}..{int(e[i - 1]) - 1} twice")
+    breaks = torch.nonzero(s[1:] != e[:-1]).flatten() + 1
+    lo = torch.cat((torch.zeros(1, dtype=torch.int64), breaks))
+    hi = torch.cat((breaks, torch.tensor([s.numel()])))
+    return list(zip(s[lo].tolist(), e[hi - 1].tolist(), strict=True))
+
+
+def _eval_check_tiling(runs: list[tuple[int, int]], n_targets: int) -> None:
+    """The runs of all ranks together must cover [0, n_targets) exactly once."""
+    everyone = [runs]
+    if world()[1] > 1:
+        everyone = [None] * world()[1]
+        dist.all_gather_object(everyone, runs)
+    cursor = 0
+    for a, b in sorted(r for rank_runs in everyone for r in rank_runs):
+        if a != cursor:
+            what = "twice" if a < cursor else "never"
+            lo, hi = (a, cursor) if a < cursor else (cursor, a)
+            raise RuntimeError(f"eval scored targets {lo}..{hi - 1} {what}")
+        cursor = b
+    if cursor != n_targets:
+        raise RuntimeError(f"eval scored targets {cursor}..{n_targets - 1} never")
+
+
+def _eval_write_npy(path: Path, array: np.ndarray) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            np.save(f, array)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+class _EvalClock:
+    """Wallclock seconds per phase (synchronizing CUDA at phase edges)."""
+
+    def __init__(self, device: torch.device):
+        self.device, self.times = device, {}
+
+    @contextlib.contextmanager
+    def __call__(self, phase: str):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+            self.times[phase] = self.times.get(phase, 0.0) + time.perf_counter() - t0
+
+
+@dataclass
+class _EvalRun:
+    """What every scoring routine needs."""
+
+    model: nn.Module
+    tokens: torch.Tensor  # the stream on the model's device
+    n_targets: int
+    ecfg: EvalConfig
+    tcfg: TTTConfig
+    sink: _EvalSink
+    clock: _EvalClock
+    amp: Callable[[], contextlib.AbstractContextManager]
+    log: Callable[[str], None]
+    rank: int
+    world_size: int
+
+
+def _eval_score_rows(run: _EvalRun, rows: torch.Tensor) -> None:
+    with torch.no_grad(), run.clock("score_s"):
+        for i in range(0, rows.size(0), run.ecfg.eval_batch_seqs):
+            batch = rows[i:i + run.ecfg.eval_batch_seqs]
+            run.sink.add(batch, _eval_window_nll(run.model, run.tokens, batch, run.amp()))
+
+
+def _eval_windows(run: _EvalRun) -> None:
+    plan = window_plan(run.n_targets, run.ecfg.eval_seq_len, run.ecfg.eval_stride)
+    a, b = _eval_rank_range(plan.size(0), run.rank, run.world_size)
+    _eval_score_rows(run, plan[a:b])
+
+
+# ----------------------------------------------------------------------------- SGD TTT
+
+
+def _eval_sgd_step(run: _EvalRun, params: list[nn.Parameter], opt: torch.optim.Optimizer,
+                   lo: int, hi: int) -> None:
+    """One SGD step on targets [lo, hi) as eval_seq_len sequences: each rank backprops its slice
+    of them with the loss summed / (hi - lo), the grads are summed over ranks (= the global token
+    mean, whatever the world size), clipped, applied."""
+    seq_len = run.ecfg.eval_seq_len
+    seqs = window_plan(hi - lo, seq_len, 0) + torch.tensor([lo, lo, lo])
+    a, b = _eval_rank_range(seqs.size(0), run.rank, run.world_size)
+    for i in range(a, b, run.ecfg.eval_batch_seqs):
+        nll = _eval_window_nll(run.model, run.tokens, seqs[i:min(i + run.ecfg.eval_batch_seqs, b)], run.amp())
+        (nll.sum() / (hi - lo)).backward()
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    flat = all_reduce_sum(torch.cat([g.reshape(-1) for g in grads]))
+    offset = 0
+    for p in params:
+        p.grad = flat[offset:offset + p.numel()].view_as(p).clone()
+        offset += p.numel()
+    if run.tcfg.ttt_grad_clip > 0:
+        nn.utils.clip_grad_norm_(params, run.tcfg.ttt_grad_clip)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+
+
+def _eval_ttt_sgd(run: _EvalRun) -> None:
+    """#1493: score chunk c (no_grad), then (unless it is the last) train all weights on it."""
+    t = run.tcfg
+    plan = window_plan(run.n_targets, run.ecfg.eval_seq_len, run.ecfg.eval_stride)
+    params = list(run.model.parameters())
+    for p in params:
+        p.requires_grad_(True)
+    opt = torch.optim.SGD(params, lr=t.ttt_lr, momentum=t.ttt_momentum)
+    n_chunks = math.ceil(run.n_targets / t.ttt_chunk_tokens)
+    every = max(1, n_chunks // 20)
+    for c in range(n_chunks):
+        lo, hi = c * t.ttt_chunk_tokens, min((c + 1) * t.ttt_chunk_tokens, run.n_targets)
+        rows = _eval_plan_clip(plan, lo, hi)
+        a, b = _eval_rank_range(rows.size(0), run.rank, run.world_size)
+        _eval_score_rows(run, rows[a:b])
+        if c == n_chunks - 1:
+            break
+        lr = t.ttt_lr * 0.5 * (1.0 + math.cos(math.pi * c / (n_chunks - 1)))
+        for group in opt.param_groups:
+            group["lr"] = lr
+        with run.clock("ttt_train_s"):
+            for _ in range(t.ttt_epochs):
+                _eval_sgd_step(run, params, opt, lo, hi)
+        if (c + 1) % every == 0:
+            run.log(f"ttt_sgd chunk:{c + 1}/{n_chunks} lr:{lr:.3e} "
+                    f"elapsed:{sum(run.clock.times.values()):.1f}s")
+
+
+# ----------------------------------------------------------------------------- LoRA TTT
+
+
+class _EvalLoraBank:
+    """Per-document LoRA on the target modules: out += (x @ A[d]) @ B[d], through forward hooks.
+
+    A starts as one fixed seeded draw (the same for every document), B at zero, so a fresh
+    adapter is exactly the base model. `rows` picks the documents of the current batch rows."""
+
+    def __init__(self, model: nn.Module, rank: int, device: torch.device):
+        self.targets = [(name, m) for name, m in model.named_modules()
+                        if EVAL_LORA_TARGETS.fullmatch(name) and isinstance(m, nn.Linear)]
+        if not self.targets:
+            raise EvalError("LoRA TTT found no q/k/v/o, MLP or lm_head linear in the model")
+        gen = torch.Generator().manual_seed(EVAL_LORA_SEED)
+        self.init_a = []
+        for _, m in self.targets:
+            fan_in = m.weight.size(1)
+            bound = 1.0 / math.sqrt(fan_in)
+            self.init_a.append(((torch.rand(fan_in, rank, generator=gen) * 2 - 1) * bound).to(device))
+        self.rank, self.device = rank, device
+        self.a: list[torch.Tensor] = []
+        self.b: list[torch.Tensor] = []
+        self.rows: torch.Tensor | None = None
+        self.enabled = False
+        self.handles = [m.register_forward_hook(self._hook(i)) for i, (_, m) in enumerate(self.targets)]
+
+    def _hook(self, i: int):
+        def apply(module: nn.Module, args: tuple, out: torch.Tensor):
+            if not self.enabled:
+                return None
+            x = args[0]
+            if x.dim() != 3 or x.size(0) != self.rows.numel():
+                raise RuntimeError(f"LoRA hook on {self.targets[i][0]}: input {tuple(x.shape)} does not "
+                                   f"match {self.rows.numel()} documents")
+            a, b = self.a[i][self.rows], self.b[i][self.rows]
+            return out + torch.bmm(torch.bmm(x, a.to(x.dtype)), b.to(x.dtype)).to(out.dtype)
+        return apply
+
+    def reset(self, n_docs: int, lr: float) -> torch.optim.Optimizer:
+        self.a = [a0.expand(n_docs, -1, -1).clone().requires_grad_(True) for a0 in self.init_a]
+        self.b = [torch.zeros(n_docs, self.rank, m.weight.size(0), device=self.device, requires_grad=True)
+                  for _, m in self.targets]
+        return torch.optim.Adam(self.a + self.b, lr=lr)
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+
+
+def _eval_doc_spans(tokens_cpu: torch.Tensor, n_targets: int) -> torch.Tensor:
+    """Document target ranges [d0, d1) as rows: a document starts at each BOS (and at 0); its
+    targets run to the next document's BOS inclusive, so each is predicted within its document."""
+    bos = torch.nonzero(tokens_cpu[:n_targets] == BOS_ID).flatten()
+    starts = torch.unique(torch.cat((torch.zeros(1, dtype=torch.int64), bos)))
+    ends = torch.cat((starts[1:], torch.tensor([n_targets])))
+    return torch.stack((starts, ends), dim=1)
+
+
+def _eval_lora_docs(run: _EvalRun, bank: _EvalLoraBank, docs: torch.Tensor) -> None:
+    """Score a batch of documents chunk by chunk, each with its own adapter: chunk k of every
+    document is scored (no_grad), then every document that has a chunk k+1 takes one Adam step
+    on the mean NLL of chunk k. The loss is a sum over documents, so each adapter gets exactly
+    its own document's gradient."""
+    t = run.tcfg
+    plans = [_eval_doc_plan(int(d0), int(d1), t.lora_chunk_tokens, run.ecfg.eval_seq_len) for d0, d1 in docs]
+    n_chunks = torch.tensor([p.size(0) for p in plans])
+    opt = bank.reset(len(plans), t.lora_lr)
+    bank.enabled = True
+    try:
+        for k in range(int(n_chunks.max())):
+            active = torch.nonzero(n_chunks > k).flatten()
+            rows = torch.stack([plans[i][k] for i in active.tolist()])
+            bank.rows = active.to(run.tokens.device)
+            with torch.no_grad(), run.clock("score_s"):
+                run.sink.add(rows, _eval_window_nll(run.model, run.tokens, rows, run.amp()))
+            train = torch.nonzero(n_chunks[active] > k + 1).flatten()
+            if train.numel() == 0:
+                continue
+            with run.clock("lora_train_s"):
+                rows = rows[train]
+                bank.rows = active[train].to(run.tokens.device)
+                nll = _eval_window_nll(run.model, run.tokens, rows, run.amp())
+                counts = (rows[:, 1] - rows[:, 2]).to(nll.device)
+                per_token = torch.repeat_interleave(1.0 / counts.float(), counts)
+                (nll * per_token).sum().backward()
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+    finally:
+        bank.enabled = False
+
+
+def _eval_ttt_lora(run: _EvalRun, tokens_cpu: torch.Tensor) -> None:
+    t = run.tcfg
+    docs = _eval_doc_spans(tokens_cpu, run.n_targets)
+    n_docs = docs.size(0)
+    params = list(run.model.parameters())
+    for p in params:
+        p.requires_grad_(False)  # LoRA steps need no base-weight grads
+    bank = _EvalLoraBank(run.model, t.lora_rank, run.tokens.device)
+    # Pauses at fixed document counts (never depending on how many documents follow).
+    pauses = sorted({round(k * t.lora_phase_docs / t.lora_phases) for k in range(1, t.lora_phases + 1)}
+                    if t.lora_phases > 0 else set())
+    bounds = [0] + [p for p in pauses if 0 < p < n_docs] + [n_docs]
+    opt = torch.optim.SGD(params, lr=t.ttt_lr, momentum=t.ttt_momentum) if len(bounds) > 2 else None
+    try:
+        for g in range(len(bounds) - 1):
+            group = docs[bounds[g]:bounds[g + 1]]
+            # contiguous documents per rank, balanced by tokens; longest first within a rank
+            cum = torch.cumsum(group[:, 1] - group[:, 0], 0)
+            total = int(cum[-1])
+            lo, hi = (int(torch.searchsorted(cum, total * r // run.world_size, right=True))
+                      for r in (run.rank, run.rank + 1))
+            mine = group[lo:hi]
+            mine = mine[torch.argsort(mine[:, 0] - mine[:, 1], stable=True)]
+            for i in range(0, mine.size(0), run.ecfg.eval_batch_seqs):
+                _eval_lora_docs(run, bank, mine[i:i + run.ecfg.eval_batch_seqs])
+            if g < len(bounds) - 2:
+                scored_end = int(group[-1, 1])
+                _eval_phase_sgd(run, params, opt, scored_end)
+                run.log(f"ttt_lora phase:{g + 1}/{len(bounds) - 2} docs_scored:{bounds[g + 1]} "
+                        f"global_sgd_tokens:{scored_end} elapsed:{sum(run.clock.times.values()):.1f}s")
+    finally:
+        bank.remove()
+
+
+def _eval_phase_sgd(run: _EvalRun, params: list[nn.Parameter], opt: torch.optim.Optimizer,
+                    scored_end: int) -> None:
+    """One SGD pass of the base weights over targets [0, scored_end), all already scored: one
+    step per ttt_chunk_tokens."""
+    for p in params:
+        p.requires_grad_(True)
+    with run.clock("global_sgd_s"):
+        for lo in range(0, scored_end, run.tcfg.ttt_chunk_tokens):
+            _eval_sgd_step(run, params, opt, lo, min(lo + run.tcfg.ttt_chunk_tokens, scored_end))
+    for p in params:
+        p.requires_grad_(False)
+
+
+# ----------------------------------------------------------------------------- entry points
+
+
+def evaluate(model: nn.Module, val_tokens: torch.Tensor, table: ByteTable, ecfg: EvalConfig,
+             tcfg: TTTConfig, dump_nll: str | Path | None = None, log: Callable[[str], None] = print,
+             overwrite: bool = False) -> EvalResult:
+    """Score the whole validation stream (1-D token ids, documents starting with BOS) and return
+    exact BPB. `dump_nll` writes every target's NLL (float32 .npy, token order) on rank 0."""
+    tokens_cpu = val_tokens.detach().reshape(-1).to("cpu", torch.int64).contiguous()
+    n_targets = tokens_cpu.numel() - 1
+    if n_targets < 1:
+        raise EvalError(f"validation stream has {tokens_cpu.numel()} tokens; at least 2 are needed")
+    if int(tokens_cpu.max()) >= table.vocab_size or int(tokens_cpu.min()) < 0:
+        raise EvalError(f"validation ids span {int(tokens_cpu.min())}..{int(tokens_cpu.max())}, "
+                        f"outside the tokenizer's {table.vocab_size} ids")
+    dump_path = _eval_check_dump(dump_nll, overwrite)
+    rank, world_size = world()
+    device = next(model.parameters()).device
+    mode = ("sliding" if ecfg.eval_stride > 0 else "plain") if tcfg.ttt_mode != "lora" else "lora"
+    mode += {"sgd": "+sgd", "lora": "+phased" if tcfg.lora_phases > 0 else "", "none": ""}[tcfg.ttt_mode]
+
+    def amp() -> contextlib.AbstractContextManager:
+        if device.type == "cuda":
+            return torch.autocast("cuda", dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    was_training = model.training
+    work = copy.deepcopy(model) if tcfg.ttt_mode != "none" else model
+    work.eval()
+    clock = _EvalClock(device)
+    run = _EvalRun(work, tokens_cpu.to(device), n_targets, ecfg, tcfg,
+                   _EvalSink(device, keep_values=dump_path is not None), clock, amp,
+                   log if rank == 0 else (lambda _msg: None), rank, world_size)
+    try:
+        if tcfg.ttt_mode == "sgd":
+            _eval_ttt_sgd(run)
+        elif tcfg.ttt_mode == "lora":
+            _eval_ttt_lora(run, tokens_cpu)
+        else:
+            _eval_windows(run)
+    finally:
+        model.train(was_training)
+    with clock("finalize_s"):
+        n_tokens, n_bytes, nll_sum = run.sink.finish(tokens_cpu, n_targets, table, dump_path)
+    return EvalResult(tokens=n_tokens, bytes=n_bytes, nll_sum=nll_sum, val_loss=nll_sum / n_tokens,
+                      val_bpb=nll_sum / math.log(2) / max(n_bytes, 1), times=dict(clock.times), mode=mode)
+
+
+def _eval_check_dump(dump_nll: str | Path | None, overwrite: bool) -> Path | None:
+    """Refuse a bad NLL dump destination before spending the evaluation on it."""
+    if dump_nll is None:
+        return None
+    path = Path(dump_nll)
+    if path.exists() and not overwrite:
+        raise EvalError(f"{path}: already exists (pass overwrite to replace it)")
+    if not path.parent.is_dir():
+        raise EvalError(f"{path}: folder {path.parent} does not exist")
+    return path
+
+
+def assert_causal(eval_fn: Callable[[torch.Tensor], np.ndarray], tokens: torch.Tensor, p: int,
+                  atol: float = 1e-5, seed: int = 0) -> float:
+    """Legality check: `eval_fn(tokens)` returns every target's NLL (entry t = the token at position
+    t+1). Every token after position p is changed (to another id in the range already used) and
+    the stream re-evaluated: the NLLs of the tokens at positions 1..p must not move by more than
+    `atol`. Raises AssertionError on a leak, or when nothing after p moved either (a vacuous
+    check); returns the largest change seen at or before p."""
+    tokens = tokens.detach().reshape(-1).cpu().long()
+    if not 0 < p < tokens.numel() - 1:
+        raise ValueError(f"p={p} must leave tokens on both sides (stream of {tokens.numel()})")
+    ids = int(tokens.max()) + 1
+    if ids < 2:
+        raise ValueError("the stream needs at least two distinct ids to change tokens")
+    gen = torch.Generator().manual_seed(seed)
+    changed = tokens.clone()
+    shift = torch.randint(1, ids, (tokens.numel() - p - 1,), generator=gen)
+    changed[p + 1:] = (tokens[p + 1:] + shift) % ids
+    before = np.asarray(eval_fn(tokens), dtype=np.float64)
+    after = np.asarray(eval_fn(changed), dtype=np.float64)
+    if before.shape != (tokens.numel() - 1,) or after.shape != before.shape:
+        raise AssertionError(f"eval_fn returned {before.shape}/{after.shape} NLLs "
+                             f"for {tokens.numel() - 1} targets")
+    diff = np.abs(after[:p] - before[:p])
+    if diff.size and diff.max() > atol:
+        q = int(diff.argmax())
+        raise AssertionError(f"NLL of the token at position {q + 1} moved by {diff[q]:.3g} when only tokens "
+                             f"after position {p} changed: the evaluation looks ahead")
+    if np.allclose(after[p:], before[p:], atol=atol, rtol=0):
+        raise AssertionError(f"changing the tokens after position {p} moved no NLL at all: vacuous check")
+    return float(diff.max()) if diff.size else 0.0
+
+
+# ----------------------------------------------------------------------------- artifacts
+
+
+def load_artifact_model(path: str | Path, device: str | torch.device) -> tuple[GPT, dict]:
+    """Rebuild the GPT stored in an artifact: dequantized weights, eval mode, and looping on (a new
+    GPT starts with it, as the finished model runs)."""
+    path = Path(path)
+    qs, header = read_artifact(path)
+    known = {f.name for f in dataclasses.fields(ModelConfig)}
+    stored = header.get("model_config")
+    if not isinstance(stored, dict) or set(stored) - known:
+        extra = sorted(set(stored) - known) if isinstance(stored, dict) else "missing"
+        raise EvalError(f"{path}: header model_config does not fit this golf version ({extra})")
+    mcfg = ModelConfig(**stored)
+    model = GPT(mcfg)
+    _eval_load_state(model, dequantize_state(qs), path)
+    model.to(device).eval()
+    return model, header
+
+
+def _eval_load_state(model: nn.Module, state: dict[str, torch.Tensor], path: Path) -> None:
+    """Strict load in which a tied alias (lm_head.weight = tok_emb.weight) may be stored once."""
+    own = model.state_dict()
+    unexpected = sorted(set(state) - set(own))
+    if unexpected:
+        raise EvalError(f"{path}: artifact holds tensors the model does not have: "
+                        f"{', '.join(unexpected[:4])}")
+    by_storage: dict[int, list[str]] = {}
+    for name, t in own.items():
+        by_storage.setdefault(t.data_ptr(), []).append(name)
+    for name, t in own.items():
+        if name not in state and not any(alias in state for alias in by_storage[t.data_ptr()]):
+            raise EvalError(f"{path}: artifact is missing tensor {name}")
+        if name in state and tuple(state[name].shape) != tuple(t.shape):
+            raise EvalError(f"{path}: tensor {name} has shape {tuple(state[name].shape)}, "
+                            f"the model expects {tuple(t.shape)}")
+    model.load_state_dict(state, strict=False)
+
+
+def _eval_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _eval_val_files(data: str | None, cfg: Config) -> list[Path]:
+    """--data as a shard file, a folder (searched with val_files) or a glob; else the config's."""
+    if data is None:
+        return list_shards(cfg.data.data_path, cfg.data.val_files)
+    p = Path(data)
+    if p.is_file():
+        return [p]
+    if p.is_dir():
+        return list_shards(p, cfg.data.val_files)
+    return list_shards(".", data)
+
+
+def eval_artifact(artifact: str | Path, data: str | None = None, tokenizer: str | None = None,
+                  sliding: bool | None = None, stride: int | None = None, seq_len: int | None = None,
+                  ttt: str | None = None, max_tokens: int | None = None, overrides: Sequence[str] = (),
+                  dump_nll: str | None = None, overwrite: bool = False,
+                  log: Callable[[str], None] = print) -> tuple[EvalResult, Config]:
+    """`golf eval`: load an artifact, check its tokenizer and the val shards, evaluate.
+
+    Data, tokenizer, eval and TTT settings default to the run config stored in the artifact;
+    `overrides` are further `key=value` config fields (lora_rank=64, ...). `sliding` without a
+    stride turns a stored stride of 0 into EVAL_DEFAULT_STRIDE."""
+    if sliding is False and stride:
+        raise EvalError(f"--no-sliding contradicts --stride {stride}")
+    info = init_distributed()
+    model, header = load_artifact_model(artifact, info.device)
+    stored = header.get("run_config") or {}
+    # Only the sections evaluation reads: a run config from another golf version still loads.
+    cfg = Config.from_dict({k: stored[k] for k in ("preset", "data", "eval", "ttt") if k in stored})
+    cfg.model = model.cfg
+    items = list(overrides)
+    items += [f"tokenizer_path={tokenizer}"] if tokenizer is not None else []
+    items += [f"eval_seq_len={seq_len}"] if seq_len is not None else []
+    items += [f"ttt_mode={ttt}"] if ttt is not None else []
+    if stride is not None or sliding is False:
+        items.append(f"eval_stride={stride or 0}")
+    elif sliding and cfg.eval.eval_stride == 0:
+        items.append(f"eval_stride={min(EVAL_DEFAULT_STRIDE, seq_len or cfg.eval.eval_seq_len)}")
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise EvalError(f"override {item!r} must look like key=value")
+        cfg.set(key.strip(), value)
+    cfg.validate()
+
+    tok_path = Path(cfg.data.tokenizer_path)
+    if not tok_path.is_file():
+        raise EvalError(f"{tok_path}: tokenizer not found (pass --tokenizer)")
+    meta = header.get("tokenizer") or {}
+    if meta.get("sha256") and _eval_sha256(tok_path) != meta["sha256"]:
+        raise EvalError(f"{tok_path}: sha256 differs from the tokenizer the artifact was trained with "
+                        f"({meta['sha256'][:12]}…)")
+    vocab = int(meta.get("vocab_size") or model.cfg.vocab_size)
+    if vocab != model.cfg.vocab_size:
+        raise EvalError(f"{artifact}: tokenizer vocab_size {vocab} differs from the model's "
+                        f"{model.cfg.vocab_size}")
+    table = byte_table(load_tokenizer(tok_path, vocab))
+
+    files = _eval_val_files(data, cfg)
+    tokens = load_val_tokens(files, cfg.data.val_max_tokens if max_tokens is None else max_tokens)
+    if tokens.numel() and int(tokens.max()) >= vocab:
+        raise EvalError(f"{files[0]}: validation ids reach {int(tokens.max())}, "
+                        f"not below the tokenizer's vocab_size {vocab}")
+    log(f"eval: {artifact}, {len(files)} shard(s), {tokens.numel()} tokens, "
+        f"seq_len {cfg.eval.eval_seq_len}, stride {cfg.eval.eval_stride}, ttt {cfg.ttt.ttt_mode}, "
+        f"world {info.world_size}")
+    result = evaluate(model, tokens, table, cfg.eval, cfg.ttt, dump_nll=dump_nll, log=log,
+                      overwrite=overwrite)
+    return result, cfg

@@ -1,0 +1,217 @@
+"""golf.quant: SDClip ranges, GPTQ vs round-to-nearest, degenerate Hessians, Hessian hooks, LQER, ladder."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+from torch import nn
+
+from golf.config import QuantConfig, tiny
+from golf.model import GPT
+from golf.quant import (
+    GPTQ_RETRIES,
+    collect_hessians,
+    dequantize_state,
+    fit_ladder,
+    gptq_quantize,
+    quantize_state,
+    rtn_quantize,
+    sdclip_scale,
+)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # Tiny matrices: intra-op threads only add contention on a shared 2-core box.
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _correlated_inputs(n: int, cols: int, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    mix = torch.randn(cols, cols, generator=g) / cols**0.5 + torch.eye(cols)
+    low_rank = torch.randn(n, 8, generator=g) @ torch.randn(8, cols, generator=g)
+    return low_rank + 0.3 * torch.randn(n, cols, generator=g) @ mix
+
+
+def _tiny_qcfg(**kw) -> QuantConfig:
+    # A low passthrough threshold so the tiny GPT has matrices in every class.
+    return dataclasses.replace(tiny().quant, passthrough_max_numel=1024, **kw)
+
+
+def test_sdclip_q_within_qmax_for_every_width():
+    w = torch.randn(32, 200, generator=torch.Generator().manual_seed(0)) * 0.02
+    for bits in range(2, 9):
+        qmax = 2 ** (bits - 1) - 1
+        scale = sdclip_scale(w, bits, k=3.0)  # small k: the clamp is reached
+        q = rtn_quantize(w, scale, bits)
+        assert q.dtype == torch.int8
+        assert int(q.abs().max()) == qmax
+        assert torch.equal(scale, scale.half().float())  # exactly what is stored as fp16
+    q5 = rtn_quantize(w, sdclip_scale(w, 5, 3.0), 5)
+    assert int(q5.max()) == 15 and int(q5.min()) == -15
+
+
+def test_sdclip_zero_row_gets_a_usable_scale():
+    w = torch.randn(4, 64)
+    w[1] = 0.0
+    scale = sdclip_scale(w, 6, 12.5)
+    assert bool((scale > 0).all())
+    assert torch.equal(rtn_quantize(w, scale, 6)[1], torch.zeros(64, dtype=torch.int8))
+
+
+def test_gptq_beats_round_to_nearest_on_correlated_inputs():
+    g = torch.Generator().manual_seed(1)
+    x = _correlated_inputs(2048, 96, seed=2)
+    w = torch.randn(48, 96, generator=g) * 0.05
+    h = x.T @ x / x.shape[0]
+    for bits, k in ((4, 6.0), (6, 12.5)):
+        res = gptq_quantize(w, h, bits, k, block_size=32)
+        assert res.method == "gptq" and res.retries == 0
+        rtn = rtn_quantize(w, res.scale, bits)
+        err_gptq = (x @ w.T - x @ (res.q.float() * res.scale[:, None]).T).norm()
+        err_rtn = (x @ w.T - x @ (rtn.float() * res.scale[:, None]).T).norm()
+        assert err_gptq < 0.8 * err_rtn, (bits, float(err_gptq), float(err_rtn))
+        assert int(res.q.abs().max()) <= 2 ** (bits - 1) - 1
+
+
+def test_gptq_rank_deficient_hessian_with_dead_column():
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(512, 4, generator=g) @ torch.randn(4, 32, generator=g)  # rank 4
+    x[:, 7] = 0.0  # a dead input
+    h = x.T @ x / x.shape[0]
+    w = torch.randn(16, 32, generator=g)
+    res = gptq_quantize(w, h, 6, 12.5, block_size=8)
+    assert res.method == "gptq" and torch.isfinite(res.scale).all()
+    # The dead column is decoupled: rounded to nearest on its own, with its weights kept.
+    assert torch.equal(res.q[:, 7], rtn_quantize(w, res.scale, 6)[:, 7])
+    assert int(res.q[:, 7].abs().sum()) > 0
+
+
+def test_gptq_indefinite_hessian_retries_with_more_damping():
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(256, 3, generator=g) @ torch.randn(3, 24, generator=g)
+    x[:, 5] = 0.0
+    h = x.T @ x / x.shape[0]
+    # Round-off can leave H slightly indefinite; 0.01·mean(diag) damping cannot cover −0.05·mean.
+    h -= 0.05 * h.diagonal().mean() * torch.eye(24)
+    w = torch.randn(8, 24, generator=g)
+    res = gptq_quantize(w, h, 6, 12.5, damp=0.01)
+    assert res.method == "gptq" and res.retries == 1 and res.damp == pytest.approx(0.1)
+    assert int(res.q.abs().max()) <= 31
+    # Through quantize_state the retry is recorded in the stats.
+    qcfg = dataclasses.replace(QuantConfig(), passthrough_max_numel=10)
+    qs = quantize_state({"blocks.0.mlp.fc.weight": w}, qcfg, {"blocks.0.mlp.fc.weight": h})
+    assert qs.stats.retries["blocks.0.mlp.fc.weight"] == 1
+    assert qs.stats.method["blocks.0.mlp.fc.weight"] == "gptq"
+
+
+def test_gptq_unusable_hessian_falls_back_to_rtn():
+    w = torch.randn(8, 16)
+    h = torch.full((16, 16), float("nan"))
+    res = gptq_quantize(w, h, 6, 12.5)
+    assert res.method == "rtn-fallback" and res.retries == GPTQ_RETRIES + 1
+    assert torch.equal(res.q, rtn_quantize(w, res.scale, 6))
+
+
+class _Twice(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(50, 16)
+        self.lin = nn.Linear(16, 16, bias=False)
+
+    def forward(self, ids):
+        return self.lin(self.lin(self.emb(ids)))  # one module run twice, like a looped layer
+
+
+def test_collect_hessians_accumulates_every_pass_and_removes_hooks():
+    torch.manual_seed(0)
+    m = _Twice()
+    batches = [torch.randint(0, 50, (2, 5)) for _ in range(3)]
+    hs = collect_hessians(m, batches)
+    xs = []
+    with torch.no_grad():
+        for ids in batches:
+            a = m.emb(ids).reshape(-1, 16)
+            xs += [a, m.lin(a)]
+    x = torch.cat(xs)
+    assert set(hs) == {"lin.weight"}
+    assert torch.allclose(hs["lin.weight"], x.T @ x / x.shape[0], atol=1e-6)
+    assert not m.lin._forward_hooks
+
+
+def test_collect_hessians_on_tiny_gpt_keys_and_tied_head():
+    cfg = tiny().model
+    torch.manual_seed(0)
+    model = GPT(cfg)
+    g = torch.Generator().manual_seed(0)
+    ids = [torch.randint(0, cfg.vocab_size, (2, 16), generator=g) for _ in range(2)]
+    hs = collect_hessians(model, ids)
+    linear = {f"{n}.weight" for n, mod in model.named_modules()
+              if isinstance(mod, nn.Linear) and n != "lm_head"}
+    assert set(hs) == linear | {"tok_emb.weight"}
+    with torch.no_grad():
+        states = torch.cat([model.hidden(i).reshape(-1, cfg.model_dim) for i in ids])
+    assert torch.allclose(hs["tok_emb.weight"], states.T @ states / states.shape[0], atol=1e-5)
+    assert all(h.dtype == torch.float32 for h in hs.values())
+    assert not any(mod._forward_hooks for mod in model.modules())
+
+
+def test_quantize_state_tiny_gpt_classes_tied_and_loadable():
+    cfg = tiny()
+    torch.manual_seed(0)
+    model = GPT(cfg.model)
+    qcfg = _tiny_qcfg(mlp_bits=5, attn_bits=6, embed_bits=8)
+    qs = quantize_state(model, qcfg)
+    recs = qs.records
+    assert "lm_head.weight" not in recs and recs["tok_emb.weight"].aliases == ["lm_head.weight"]
+    assert recs["tok_emb.weight"].kind == "quant" and recs["tok_emb.weight"].bits == 8
+    fc = recs["blocks.0.mlp.fc.weight"]
+    assert fc.klass == "mlp" and fc.bits == 5 and int(fc.q.abs().max()) <= 15
+    assert recs["blocks.0.attn.c_q.weight"].klass == "attention"
+    scale = recs["blocks.0.attn_scale"]
+    assert scale.kind == "passthrough" and scale.data.dtype == torch.float16
+    assert set(qs.stats.method.values()) == {"rtn"}  # no Hessians given
+    state = dequantize_state(qs)
+    assert state["lm_head.weight"] is state["tok_emb.weight"]
+    fresh = GPT(cfg.model)
+    fresh.load_state_dict(state, strict=True)
+    assert fresh.lm_head.weight is fresh.tok_emb.weight
+    assert torch.equal(fresh.tok_emb.weight, recs["tok_emb.weight"].dequantize())
+    assert 0 < qs.stats.rel_err["blocks.0.mlp.fc.weight"] < 0.5
+
+
+def test_lqer_corrects_the_worst_tensors():
+    cfg = tiny()
+    torch.manual_seed(0)
+    model = GPT(cfg.model)
+    with torch.no_grad():  # trained-like weights: zero-init projections would make LQER trivial
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.normal_(0, 0.05)
+    base = quantize_state(model, _tiny_qcfg(mlp_bits=3, attn_bits=3, clip_k_mlp=6.0, clip_k_attn=6.0))
+    fixed = quantize_state(model, _tiny_qcfg(mlp_bits=3, attn_bits=3, clip_k_mlp=6.0, clip_k_attn=6.0,
+                                             lqer_rank=4, lqer_tensors=3, lqer_bits=4))
+    assert len(fixed.stats.lqer) == 3
+    worst = sorted(base.stats.rel_err, key=lambda n: (-base.stats.rel_err[n], n))[:3]
+    assert sorted(fixed.stats.lqer) == sorted(worst)  # no Hessians: relative Frobenius error picks
+    for name in fixed.stats.lqer:
+        lq = fixed.records[name].lqer
+        assert lq.a_q.shape[1] == 4 and int(lq.a_q.abs().max()) <= 7
+        assert fixed.stats.rel_err[name] < base.stats.rel_err[name]
+
+
+def test_fit_ladder_is_ordered_and_ends_at_the_floors():
+    q = QuantConfig()
+    rungs = fit_ladder(q)
+    assert rungs[0] == (q, [])
+    assert [r[0].clip_k_mlp for r in rungs[1:5]] == [12.5, 13.5, 14.5, 15.5]
+    assert rungs[5][0].mlp_bits == 5 and rungs[5][0].clip_k_mlp == q.clip_k_mlp
+    assert "MLP bits 6 → 5" in rungs[5][1][-1]
+    last = rungs[-1][0]
+    assert (last.mlp_bits, last.attn_bits, last.other_bits, last.embed_bits) == (4, 4, 4, 6)
+    assert fit_ladder(q) == rungs  # deterministic

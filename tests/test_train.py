@@ -1,0 +1,84 @@
+"""The trainer on the tiny preset: loss falls, runs repeat, the cap holds, SIGTERM + resume."""
+
+import os
+import signal
+
+import pytest
+import torch
+
+from golf.train import micro_batch_plan, train
+from tests.conftest import tiny_config
+
+
+def _run(tiny_data, tiny_tokenizer, out, **overrides):
+    cfg = tiny_config(tiny_data, tiny_tokenizer, out, **overrides)
+    return train(cfg, log=lambda _: None)
+
+
+def test_tiny_preset_loss_falls(tiny_data, tiny_tokenizer, tmp_path):
+    result = _run(tiny_data, tiny_tokenizer, tmp_path, iterations=40, max_wallclock_seconds=0)
+    first = sum(loss for _, loss in result.losses[:5]) / 5
+    last = sum(loss for _, loss in result.losses[-5:]) / 5
+    assert result.steps == 40 and result.stopped == "iterations"
+    assert last < first - 0.5, (first, last)
+    assert (tmp_path / "final_model.pt").exists() and (tmp_path / "config.json").exists()
+
+
+def test_same_seed_same_loss_curve(tiny_data, tiny_tokenizer, tmp_path):
+    a = _run(tiny_data, tiny_tokenizer, tmp_path / "a", iterations=6, max_wallclock_seconds=0)
+    b = _run(tiny_data, tiny_tokenizer, tmp_path / "b", iterations=6, max_wallclock_seconds=0)
+    c = _run(tiny_data, tiny_tokenizer, tmp_path / "c", iterations=6, max_wallclock_seconds=0, seed=7)
+    assert a.losses == b.losses
+    assert a.losses != c.losses
+
+
+def test_wallclock_cap_is_respected(tiny_data, tiny_tokenizer, tmp_path):
+    cap = 3.0
+    result = _run(tiny_data, tiny_tokenizer, tmp_path, iterations=100_000, max_wallclock_seconds=cap + 1.0,
+                  gptq_reserve_seconds=1.0)
+    assert result.stopped == "wallclock"
+    assert result.train_time_s <= cap, result.train_time_s
+    assert result.steps > 1
+
+
+def test_recurrence_switches_on_by_wallclock(tiny_data, tiny_tokenizer, tmp_path):
+    logs = []
+    cfg = tiny_config(tiny_data, tiny_tokenizer, tmp_path, iterations=10, max_wallclock_seconds=0,
+                      loop_enable_frac=0.5)
+    result = train(cfg, log=logs.append)
+    assert result.model.looping
+    switch = [line for line in logs if "depth recurrence on" in line]
+    assert len(switch) == 1 and switch[0].startswith("step:5 ")
+
+
+def test_sigterm_checkpoint_then_resume_matches_uninterrupted(tiny_data, tiny_tokenizer, tmp_path):
+    full = _run(tiny_data, tiny_tokenizer, tmp_path / "full", iterations=8, max_wallclock_seconds=0)
+
+    def stop_at_3(step, loss):
+        if step == 3:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    cfg = tiny_config(tiny_data, tiny_tokenizer, tmp_path / "cut", iterations=8, max_wallclock_seconds=0)
+    cut = train(cfg, log=lambda _: None, on_step=stop_at_3)
+    assert cut.stopped == "sigterm" and cut.steps == 3  # the flag is seen before step 4 starts
+    assert (tmp_path / "cut" / "checkpoint_rank0.pt").exists()
+    cfg.train.resume = True
+    resumed = train(cfg, log=lambda _: None)
+    assert resumed.steps == 8 and resumed.stopped == "iterations"
+    assert resumed.losses == full.losses
+    for a, b in zip(resumed.model.state_dict().values(), full.model.state_dict().values()):
+        assert torch.equal(a, b)
+
+
+def test_nan_loss_stops_with_clear_error(tiny_data, tiny_tokenizer, tmp_path):
+    from golf.train import TrainingDiverged
+
+    with pytest.raises(TrainingDiverged, match="loss became nan at step 2"):
+        _run(tiny_data, tiny_tokenizer, tmp_path, iterations=3, max_wallclock_seconds=0, matrix_lr="nan")
+
+
+def test_micro_batch_plan_keeps_global_batch(tiny_data, tiny_tokenizer, tmp_path):
+    cfg = tiny_config(tiny_data, tiny_tokenizer, tmp_path, train_batch_tokens=8192, micro_batch_tokens=1024)
+    for world in (1, 2, 4):
+        accum, seqs = micro_batch_plan(cfg, world)
+        assert accum * seqs * world * cfg.train.train_seq_len == 8192
