@@ -20,10 +20,10 @@ demo: install
 	@echo "make demo: recreating $(DEMO)"
 	@rm -rf $(DEMO) && mkdir -p $(DEMO)
 	$(PY) tools/demo_corpus.py $(DEMO)/corpus.jsonl
-	golf tokenizer train $(DEMO)/corpus.jsonl --vocab-size 512 --out $(DEMO)/tokenizer
+	golf tokenizer train $(DEMO)/corpus.jsonl --vocab-size 512 --out $(DEMO)/tokenizer --max-sentence-length 300000
 	golf data build $(DEMO)/corpus.jsonl --tokenizer $(DEMO)/tokenizer.model --out $(DEMO)/data --val-docs 8
 	golf data inspect $(DEMO)/data
-	golf submit --preset tiny --seed $(SEED) --name demo --records-dir $(DEMO)/records \
+	golf submit --preset tiny --seed $(SEED) --name demo --records-dir $(DEMO)/records --work-dir $(DEMO)/work \
 		--set data_path=$(DEMO)/data --set tokenizer_path=$(DEMO)/tokenizer.model
 	golf stats $(DEMO)/records/*_demo
 

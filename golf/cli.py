@@ -206,7 +206,7 @@ def budget_cmd(
     code_bytes = Path(code).stat().st_size if code and Path(code).is_file() else 0
     if code and not code_bytes:
         raise GolfError(f"code file {code} not found or empty")
-    pred = predict_size(cfg.model, cfg.quant, ratios=ratios, code_bytes=code_bytes)
+    pred = predict_size(cfg.model, cfg.quant, ratios=ratios, code_bytes=code_bytes, run_config=cfg.to_dict())
     typer.echo(json.dumps(pred.to_dict(), indent=2) if as_json else pred.format_table())
 
 
@@ -229,7 +229,7 @@ def quantize_cmd(
 
     import torch
 
-    from golf.data import TokenLoader, list_shards, load_tokenizer
+    from golf.data import TokenLoader, file_sha256, list_shards, load_tokenizer
     from golf.model import GPT
     from golf.pack import ArtifactError, pack_bytes, write_artifact
     from golf.quant import QuantError, collect_hessians, fit_to_budget, quantize_state
@@ -256,7 +256,7 @@ def quantize_cmd(
                          f"{str(exc).splitlines()[0][:200]}") from None
     tok_path = tokenizer or cfg.data.tokenizer_path
     load_tokenizer(tok_path, cfg.model.vocab_size)
-    tokenizer_meta = {"sha256": hashlib.sha256(Path(tok_path).read_bytes()).hexdigest(),
+    tokenizer_meta = {"sha256": file_sha256(tok_path),
                       "vocab_size": cfg.model.vocab_size}
     code_bytes = Path(code).stat().st_size if code else 0
     q, t = cfg.quant, cfg.train
@@ -276,6 +276,8 @@ def quantize_cmd(
     if fit:
         qs, blob, changes = fit_to_budget(state, hessians, q, cfg.model, tokenizer_meta, code_bytes,
                                           run_config=cfg.to_dict())
+        for rung, size in qs.stats.fit_attempts:
+            typer.echo(f"fit attempt: {size:,} bytes with {rung}")
         for change in changes:
             typer.echo(f"fit: {change}")
     else:

@@ -501,7 +501,8 @@ def _build_encoded(paths: Sequence[Path], model_path: Path, workers: int
             yield pending.popleft().get()
 
 
-def _build_file_sha256(path: Path) -> str:
+def file_sha256(path: str | Path) -> str:
+    """sha256 of a file, streamed (tokenizers and scripts are identified by it)."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
@@ -596,7 +597,7 @@ def build_shards(inputs: Sequence[str | Path], tokenizer_path: str | Path, out_d
     summary = {
         "inputs": [str(p) for p in paths],
         "tokenizer": str(tokenizer_path),
-        "tokenizer_sha256": _build_file_sha256(tokenizer_path),
+        "tokenizer_sha256": file_sha256(tokenizer_path),
         "vocab_size": sp.vocab_size(),
         "seed": seed,
         "shuffle": shuffle,

@@ -19,9 +19,12 @@ Notable:
     cosine LR over chunks, grads summed over ranks as a global token mean.
   - `lora` (#1530/#1626): per document, LoRA on q/k/v/o, MLP fc/proj and the head through forward
     hooks; the document is walked in `lora_chunk_tokens` chunks (score, then one Adam step), the
-    adapters reset per document. Documents are batched with per-document adapters (bmm in the
-    hooks). Optional phased global SGD of the base weights pauses at fixed document counts and
-    trains only on documents already scored (fixed counts, so the schedule reads no future token).
+    adapters reset per document; context is the document's own prefix, at most eval_seq_len.
+    Documents are batched with per-document adapters (bmm in the hooks).
+  - phased global SGD (`lora_phases` > 0): after lora_phase_docs·k/lora_phases documents
+    (k = 1..lora_phases; fixed counts, so the schedule reads no future token) one SGD pass of the
+    base weights (ttt_lr, ttt_momentum, one step per ttt_chunk_tokens) runs over every document
+    scored so far, and only those.
   TTT works on a deep copy: the caller's model is never modified.
 - Distributed: each rank scores a contiguous range of windows (or documents); float64 sums are
   all-reduced, so N ranks give what one process gives (up to summation order).
@@ -44,7 +47,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -102,14 +105,17 @@ def window_plan(n_targets: int, seq_len: int, stride: int) -> torch.Tensor:
     return torch.stack((ctx, ends, score), dim=1)
 
 
-def _eval_plan_clip(plan: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
-    """The rows of `plan` that score targets in [lo, hi), cut to that range (context kept)."""
-    first = int(torch.searchsorted(plan[:, 1].contiguous(), torch.tensor(lo), right=True))
-    last = int(torch.searchsorted(plan[:, 2].contiguous(), torch.tensor(hi), right=False))
-    rows = plan[first:last].clone()
-    rows[:, 2].clamp_(min=lo)
-    rows[:, 1].clamp_(max=hi)
-    return rows
+def _eval_plan_chunks(plan: torch.Tensor, bounds: list[int]) -> Iterator[tuple[int, int, torch.Tensor]]:
+    """For each chunk [lo, hi) of consecutive `bounds`: (lo, hi, the rows of `plan` that score
+    targets in it, cut to it). A cut row keeps its context, which may reach into earlier chunks."""
+    edges = torch.tensor(bounds, dtype=torch.int64)
+    firsts = torch.searchsorted(plan[:, 1].contiguous(), edges[:-1], right=True).tolist()
+    lasts = torch.searchsorted(plan[:, 2].contiguous(), edges[1:]).tolist()
+    for lo, hi, first, last in zip(bounds[:-1], bounds[1:], firsts, lasts, strict=True):
+        rows = plan[first:last].clone()
+        rows[:, 2].clamp_(min=lo)
+        rows[:, 1].clamp_(max=hi)
+        yield lo, hi, rows
 
 
 def _eval_doc_plan(d0: int, d1: int, chunk: int, seq_len: int) -> torch.Tensor:
@@ -305,11 +311,12 @@ def _eval_sgd_step(run: _EvalRun, params: list[nn.Parameter], opt: torch.optim.O
     for i in range(a, b, run.ecfg.eval_batch_seqs):
         nll = _eval_window_nll(run.model, run.tokens, seqs[i:min(i + run.ecfg.eval_batch_seqs, b)], run.amp())
         (nll.sum() / (hi - lo)).backward()
+    # One flat all-reduce; a param without a grad on this rank contributes zeros.
     grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
     flat = all_reduce_sum(torch.cat([g.reshape(-1) for g in grads]))
     offset = 0
     for p in params:
-        p.grad = flat[offset:offset + p.numel()].view_as(p).clone()
+        p.grad = flat[offset:offset + p.numel()].view_as(p)
         offset += p.numel()
     if run.tcfg.ttt_grad_clip > 0:
         nn.utils.clip_grad_norm_(params, run.tcfg.ttt_grad_clip)
@@ -325,11 +332,10 @@ def _eval_ttt_sgd(run: _EvalRun) -> None:
     for p in params:
         p.requires_grad_(True)
     opt = torch.optim.SGD(params, lr=t.ttt_lr, momentum=t.ttt_momentum)
-    n_chunks = math.ceil(run.n_targets / t.ttt_chunk_tokens)
+    bounds = list(range(0, run.n_targets, t.ttt_chunk_tokens)) + [run.n_targets]
+    n_chunks = len(bounds) - 1
     every = max(1, n_chunks // 20)
-    for c in range(n_chunks):
-        lo, hi = c * t.ttt_chunk_tokens, min((c + 1) * t.ttt_chunk_tokens, run.n_targets)
-        rows = _eval_plan_clip(plan, lo, hi)
+    for c, (lo, hi, rows) in enumerate(_eval_plan_chunks(plan, bounds)):
         a, b = _eval_rank_range(rows.size(0), run.rank, run.world_size)
         _eval_score_rows(run, rows[a:b])
         if c == n_chunks - 1:
@@ -351,8 +357,10 @@ def _eval_ttt_sgd(run: _EvalRun) -> None:
 class _EvalLoraBank:
     """Per-document LoRA on the target modules: out += (x @ A[d]) @ B[d], through forward hooks.
 
-    A starts as one fixed seeded draw (the same for every document), B at zero, so a fresh
-    adapter is exactly the base model. `rows` picks the documents of the current batch rows."""
+    A starts as one fixed seeded draw, U(±1/sqrt(fan_in)) as nn.Linear's init, the same for every
+    document and rank; B starts at zero, so a fresh adapter is exactly the base model. No alpha/r
+    scale: Adam's first steps move B by ~lr whatever the scale. `rows` maps the batch rows of the
+    current forward to documents."""
 
     def __init__(self, model: nn.Module, rank: int, device: torch.device):
         self.targets = [(name, m) for name, m in model.named_modules()

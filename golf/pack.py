@@ -17,7 +17,7 @@ Notable:
   by < 0.1% on SDClip int4–int8 Gaussian and Student-t(5) rows, so no transform.
 - Codecs: brotli (quality 11, lgwin 24), lzma (raw LZMA2, preset 9|EXTREME, dictionary capped
   at the stream's size: same bytes, far less memory), zstd (level 22). "auto" compresses each
-  stream with all three (threads; lzma/zstd release the GIL) and keeps the smallest.
+  stream with all three (in threads: the three codecs release the GIL) and keeps the smallest.
 - Loading never unpickles and never calls torch.load: numpy `frombuffer` with explicit
   little-endian dtypes. Every offset, length, shape and dtype is checked against the header and
   the file size before anything is decompressed or allocated; the header is capped at
@@ -51,6 +51,7 @@ import zstandard
 from torch import Tensor
 
 from golf.config import GolfError, ModelConfig, QuantConfig
+from golf.model import GPT
 from golf.quant import (
     QUANT_CLASSES,
     LqerFactors,
@@ -691,9 +692,6 @@ class Prediction:
 
 
 def _pack_meta_state(model_cfg: ModelConfig | dict) -> dict[str, Tensor]:
-    # golf.model comes before golf.pack in the flow order.
-    from golf.model import GPT
-
     cfg = model_cfg if isinstance(model_cfg, ModelConfig) else ModelConfig(**model_cfg)
     with torch.device("meta"):
         model = GPT(cfg)
@@ -701,13 +699,14 @@ def _pack_meta_state(model_cfg: ModelConfig | dict) -> dict[str, Tensor]:
 
 
 def predict_size(model_cfg: ModelConfig | dict, qcfg: QuantConfig, ratios: dict[str, dict] | None = None,
-                 code_bytes: int = 0) -> Prediction:
+                 code_bytes: int = 0, run_config: dict | None = None) -> Prediction:
     """Predicted artifact + code bytes of `model_cfg` quantized with `qcfg`, before training.
 
     q streams cost values × bits/param: `PACK_RATIO_TABLE` at the class's (bits, k), or, given
     `ratios` from `measured_ratios`, the measured value shifted by the table's difference between
     the measured (bits, k) and the requested one. The header is built exactly as the packer
-    would (meta tensors); LQER is priced at lqer_bits per factor value on the largest matrices.
+    would (meta tensors, plus `run_config` when the artifact will embed it, as `golf run` and
+    `golf quantize` do); LQER is priced at lqer_bits per factor value on the largest matrices.
     """
     state = _pack_meta_state(model_cfg)
     ratios = ratios or {}
@@ -774,6 +773,6 @@ def predict_size(model_cfg: ModelConfig | dict, qcfg: QuantConfig, ratios: dict[
             offset += stream_bytes[name]
     tok = {"sha256": "0" * 64, "vocab_size": int(_pack_as_dict(model_cfg, "model config")["vocab_size"])}
     header = _pack_header_bytes(table, streams, _pack_as_dict(model_cfg, "model config"), tok,
-                                dataclasses.asdict(qcfg), None)
+                                dataclasses.asdict(qcfg), run_config)
     return Prediction(rows_out, PACK_PREFIX.size + len(header), code_bytes, qcfg.size_cap_bytes,
                       "measured" if ratios else "table")

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from golf.config import Config, ConfigError, load_config
-from golf.data import TokenLoader, byte_table, list_shards, load_tokenizer, load_val_tokens
+from golf.data import TokenLoader, byte_table, file_sha256, list_shards, load_tokenizer, load_val_tokens
 from golf.dist import all_reduce_sum, barrier, init_distributed, world
 from golf.eval import evaluate, load_artifact_model
 from golf.pack import write_artifact
@@ -34,10 +34,6 @@ from golf.quant import collect_hessians, fit_to_budget
 from golf.train import train
 
 ARTIFACT_NAME = "final_model.golf"
-
-
-def _sha256_file(path: str | Path) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
 def package_versions() -> dict[str, str]:
@@ -80,7 +76,7 @@ def run_pipeline(cfg: Config, code_path: str | None = None, out_dir: str = ".",
         if artifact_path.exists():
             raise ConfigError(f"{artifact_path} already exists; refusing to overwrite a previous run")
         out.mkdir(parents=True, exist_ok=True)
-    code_sha = _sha256_file(code_path) if code_path else ""
+    code_sha = file_sha256(code_path) if code_path else ""
     config_json = json.dumps(cfg.to_dict(), sort_keys=True)
     versions = package_versions()
     say(f"golf run: preset {cfg.preset} seed {cfg.train.seed} code_sha256 {code_sha or '-'}")
@@ -114,13 +110,13 @@ def run_pipeline(cfg: Config, code_path: str | None = None, out_dir: str = ".",
 
     # Quantize and pack on rank 0; every rank then evaluates the artifact it wrote.
     code_bytes = Path(code_path).stat().st_size if code_path else 0
-    tokenizer_meta = {"sha256": _sha256_file(cfg.data.tokenizer_path), "vocab_size": cfg.model.vocab_size}
+    tokenizer_meta = {"sha256": file_sha256(cfg.data.tokenizer_path), "vocab_size": cfg.model.vocab_size}
     t_q = time.perf_counter()
     fit_changes: list[str] = []
     if info.is_main:
-        state = {k: v.detach().float().cpu() for k, v in model.state_dict().items()}
-        hessians_cpu = {k: v.cpu() for k, v in hessians.items()}
-        _, blob, fit_changes = fit_to_budget(state, hessians_cpu, cfg.quant, cfg.model, tokenizer_meta,
+        # GPTQ runs where the Hessians live: on the GPU when there is one.
+        state = {k: v.detach().float() for k, v in model.state_dict().items()}
+        _, blob, fit_changes = fit_to_budget(state, hessians, cfg.quant, cfg.model, tokenizer_meta,
                                              code_bytes, run_config=cfg.to_dict())
         write_artifact(artifact_path, blob)
     barrier()

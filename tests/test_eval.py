@@ -133,13 +133,19 @@ def test_internal_check_catches_double_and_missing_scores(tiny_eval, monkeypatch
         evaluate(tiny_eval.model, tiny_eval.stream[:301], tiny_eval.table, PLAIN, NO_TTT, **QUIET)
 
 
-def test_sliding_window_beats_plain_windows(tiny_eval):
+def test_sliding_window_beats_plain_windows(tiny_eval, tiny_tokenizer):
+    """On real text: more context per token lowers BPB; bytes are the UTF-8 bytes of the text."""
     ecfg = EvalConfig(eval_seq_len=32, eval_stride=8, eval_batch_seqs=32)
     plain = evaluate(tiny_eval.model, tiny_eval.val, tiny_eval.table, dataclasses.replace(ecfg, eval_stride=0),
                      NO_TTT, **QUIET)
     sliding = evaluate(tiny_eval.model, tiny_eval.val, tiny_eval.table, ecfg, NO_TTT, **QUIET)
     assert (sliding.tokens, sliding.bytes) == (plain.tokens, plain.bytes)
     assert sliding.val_bpb < plain.val_bpb
+    sp = load_tokenizer(tiny_tokenizer, 512)
+    ids = tiny_eval.val.tolist()
+    starts = [i for i, t in enumerate(ids) if t == 1] + [len(ids)]
+    assert starts[0] == 0 and sliding.bytes == sum(len(sp.decode(ids[a + 1:b]).encode())
+                                                   for a, b in zip(starts, starts[1:], strict=False))
 
 
 # ----------------------------------------------------------------------------- legality
@@ -227,6 +233,7 @@ def _gloo_worker(rank: int, init_file: str, payload_path: str, out_dir: str) -> 
         dist.all_gather_object(gathered, sums)
         if rank == 0:
             (Path(out_dir) / "sums.json").write_text(json.dumps(gathered))
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
@@ -247,7 +254,10 @@ def test_two_gloo_ranks_match_one_process(tiny_eval, tmp_path):
         for nll_sum, tokens, n_bytes in (s[name] for s in per_rank):  # every rank returns the totals
             assert (tokens, n_bytes) == (single.tokens, single.bytes)
             assert nll_sum == pytest.approx(single.nll_sum, rel=1e-6)
-        np.testing.assert_allclose(np.load(out / f"{name}.npy"), np.load(tmp_path / f"{name}.npy"), atol=1e-4)
+        # Float rounding of the cross-rank grad sum differs from one process; after the global SGD
+        # the LoRA's Adam steps amplify it within long documents, so phased LoRA gets more room.
+        atol = 5e-3 if tcfg.lora_phases else 1e-4
+        np.testing.assert_allclose(np.load(out / f"{name}.npy"), np.load(tmp_path / f"{name}.npy"), atol=atol)
 
 
 # ----------------------------------------------------------------------------- artifact + CLI
@@ -279,6 +289,10 @@ def test_cli_eval_scores_an_artifact(tiny_eval, tiny_tokenizer, tiny_data, tmp_p
     assert header["tokenizer"]["sha256"] == sha
     assert out["tokens"] == direct.tokens == 699 and out["bytes"] == direct.bytes
     assert out["val_bpb"] == pytest.approx(direct.val_bpb, rel=1e-9) and "score_s" in out["times"]
+
+    res = runner.invoke(app, ["eval", str(artifact), "--ttt", "none", "--seq-len", "64", "--max-tokens", "700"])
+    assert res.exit_code == 0, res.output
+    assert "eval sliding: val_loss:" in res.stdout and "val_bpb:" in res.stdout  # the stored stride 32
 
     wrong = tmp_path / "other.model"
     wrong.write_bytes(b"not the tokenizer")
