@@ -224,7 +224,6 @@ def quantize_cmd(
     code: Optional[str] = typer.Option(None, "--code", help="Counted code file, for the fitter's budget."),
 ) -> None:
     """Quantize a checkpoint with GPTQ calibrated on the config's TRAINING shards, and pack it."""
-    import hashlib
     from pathlib import Path
 
     import torch

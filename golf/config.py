@@ -327,7 +327,7 @@ def record() -> Config:
     )
     cfg.train = TrainConfig(
         train_seq_len=2048, train_batch_tokens=786_432, micro_batch_tokens=98_304,
-        gptq_reserve_seconds=12.0, warmdown_frac=0.75, lr_floor=0.0,
+        gptq_reserve_seconds=12.0, warmup_steps=8, warmdown_frac=0.75, lr_floor=0.0,
         matrix_lr=0.022, tied_embed_lr=0.03, scalar_lr=0.02,
         muon_momentum=0.97, muon_momentum_warmup_start=0.92, muon_momentum_warmup_steps=1500,
         muon_coeffs="polar", muon_row_norm=True, muon_wd=0.095, adam_wd=0.085,

@@ -1,0 +1,87 @@
+#!/usr/bin/env bash
+# Benchmarks on a lent GPU machine, as recorded in docs/benchmarks.md.
+#   bash tools/device_session.sh STAGE...   (stages: setup data8192 data1024 kernels record baseline
+#                                            evals parity submit2)
+# Expects, carried with the working tree: .whl/ (brotli, zstandard wheels for the device python)
+# and .carry/ (proxy/*.jsonl.{gz,xz}, tok/*.model, val1024/ and val8192/ FineWeb eval shards).
+# Every log goes to $OUT (or ./device_out); each stage has its own time limit.
+set -uo pipefail
+OUT=${OUT:-device_out}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1
+DATA=/tmp/golfdata
+TOK8=.carry/tok/fineweb_8192_bpe.model
+TOK1=.carry/tok/fineweb_1024_bpe.model
+WALL=${WALL:-300}
+
+stage_setup() {
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+  export PYTHONPATH=/tmp/site:$PWD
+  # golf.kernels lives in the top-level kernels/ folder; map it without an install.
+  [ -e golf/kernels ] || ln -s ../kernels golf/kernels
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
+  python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
+  python3 -c "import flash_attn_interface" 2>/dev/null && echo "fa3: yes" || echo "fa3: no"
+  python3 -c "import flash_attn" 2>/dev/null && echo "fa2: yes" || echo "fa2: no"
+}
+
+build() {  # build VOCAB TOKENIZER VAL_DIR
+  local out=$DATA/sp$1
+  [ -e "$out/fineweb_train_000000.bin" ] && return
+  python3 -m golf data build .carry/proxy/*.jsonl.gz .carry/proxy/*.jsonl.xz --tokenizer "$2" \
+    --out "$out" --val-docs 0 --workers 16 2>&1 | tail -1
+  cp "$3/fineweb_val_000000.bin" "$out/"
+  python3 -m golf data inspect "$out"
+}
+stage_data8192() { build 8192 $TOK8 .carry/val8192; }
+stage_data1024() { build 1024 $TOK1 .carry/val1024; }
+
+stage_kernels() {
+  timeout 150 python3 tools/bench_kernels.py 2>&1 | tee "$OUT/kernels.log"
+  timeout 120 python3 -m pytest -q -p no:cacheprovider tests/test_model.py -k "flash or backend" 2>&1 | tail -3
+}
+
+run_preset() {  # run_preset PRESET VOCAB TOKENIZER EXTRA_SET...
+  local preset=$1 vocab=$2 tok=$3; shift 3
+  local sets=(--set data_path=$DATA/sp$vocab --set tokenizer_path=$tok --set max_wallclock_seconds=$WALL
+              --set out_dir=/tmp/train_$preset)
+  for s in "$@"; do sets+=(--set "$s"); done
+  mkdir -p "$OUT/$preset"
+  timeout 560 python3 -m golf run --preset "$preset" "${sets[@]}" --out "$OUT/$preset" 2>&1 \
+    | grep -v "^config \|^versions " | tee "$OUT/$preset.log" | grep -v "ttt_sgd chunk"
+}
+stage_record() { run_preset record 8192 $TOK8; }
+stage_baseline() { run_preset baseline 1024 $TOK1; }
+
+stage_evals() {  # extra evaluations of the record artifact: LoRA TTT variants, size ledger, budget
+  local art=$OUT/record/final_model.golf
+  python3 -m golf size-check "$art" | tee "$OUT/size_check.txt"
+  python3 -m golf budget --preset record --from-artifact "$art" | tee "$OUT/budget.txt"
+  timeout 200 python3 -m golf eval "$art" --ttt lora --json 2>"$OUT/eval_lora.err" | tee "$OUT/eval_lora.json"
+  timeout 200 python3 -m golf eval "$art" --ttt lora -s lora_phases=3 -s lora_phase_docs=100 --json \
+    2>"$OUT/eval_lora_phased.err" | tee "$OUT/eval_lora_phased.json"
+}
+
+stage_parity() {  # 1 GPU (grad accumulation) vs 2 GPUs at the same global batch and seed
+  local sets=(--set data_path=$DATA/sp8192 --set tokenizer_path=$TOK8 --set max_wallclock_seconds=0
+              --set iterations=50 --set train_log_every=1 --set warmdown_frac=0)
+  CUDA_VISIBLE_DEVICES=0 timeout 280 python3 -m golf train --preset record "${sets[@]}" \
+    --set out_dir=/tmp/p1 2>&1 | grep "^step\|model:\|stopped" > "$OUT/parity_1gpu.log"
+  timeout 280 torchrun --standalone --nproc_per_node=2 -m golf train --preset record "${sets[@]}" \
+    --set out_dir=/tmp/p2 2>&1 | grep "^step\|model:\|stopped" > "$OUT/parity_2gpu.log"
+  tail -3 "$OUT/parity_1gpu.log" "$OUT/parity_2gpu.log"
+}
+
+stage_submit2() {  # the bundled train_gpt.py end to end on two GPUs
+  timeout 560 python3 -m golf submit --preset record --seed 42 --name proxy_2gpu --nproc 2 \
+    --records-dir "$OUT/records" --work-dir /tmp/work \
+    --set data_path=$DATA/sp8192 --set tokenizer_path=$PWD/$TOK8 --set max_wallclock_seconds=$WALL \
+    2>&1 | grep -v "ttt_sgd chunk" | tail -40
+  python3 -m golf stats "$OUT"/records/*_proxy_2gpu | tee "$OUT/stats.txt"
+}
+
+for stage in "$@"; do
+  echo "=== $stage $(date -u +%H:%M:%S)"
+  "stage_$stage"
+done
+echo "=== done $(date -u +%H:%M:%S)"
