@@ -80,6 +80,9 @@ PACK_DTYPES = {  # header name → (torch dtype, explicit little-endian numpy dt
 }
 PACK_TORCH_DTYPES = {v[0]: k for k, v in PACK_DTYPES.items()}
 PACK_SHUFFLED = {"scales": 2, "passthrough": 2}  # stream → byte-plane width
+# Streams are compressed as independent frames of this many raw bytes so that the slow codecs
+# (brotli-11 runs at ~0.7 MB/s) use every core; measured size cost on int6 weights: < 0.01%.
+PACK_FRAME_BYTES = 2 << 20
 
 
 class ArtifactError(GolfError):
@@ -265,8 +268,9 @@ def pack_with_stats(qs: QuantizedState, model_cfg: ModelConfig | dict, tokenizer
             raise ArtifactError(f"unknown codec {choice!r} for stream {stream}")
         width = PACK_SHUFFLED.get(stream)
         data = _pack_shuffle(raw, width) if width else raw
+        frames = [data[i:i + PACK_FRAME_BYTES] for i in range(0, len(data), PACK_FRAME_BYTES)]
         for codec in (PACK_CODECS if choice == "auto" else (choice,)):
-            jobs.append((stream, codec, data))
+            jobs.extend((stream, codec, frame) for frame in frames)
 
     def run(job: tuple[str, str, bytes]) -> tuple[bytes, float]:
         t = time.perf_counter()
@@ -277,23 +281,27 @@ def pack_with_stats(qs: QuantizedState, model_cfg: ModelConfig | dict, tokenizer
     order = sorted(range(len(jobs)), key=lambda i: -len(jobs[i][2]))
     with ThreadPoolExecutor(max_workers=workers or os.cpu_count() or 1) as pool:
         done = dict(zip(order, pool.map(run, [jobs[i] for i in order]), strict=True))
-    best: dict[str, tuple[str, bytes]] = {}
+    framed: dict[tuple[str, str], list[bytes]] = {}
     stats: dict[str, StreamStats] = {}
     for i, (stream, codec, _) in enumerate(jobs):
         out, secs = done[i]
-        st = stats.setdefault(stream, StreamStats(stream, len(raws[stream]), values[stream], codec, len(out)))
-        st.sizes[codec], st.seconds[codec] = len(out), secs
-        if stream not in best or len(out) < len(best[stream][1]):  # ties keep PACK_CODECS order
-            best[stream] = (codec, out)
+        framed.setdefault((stream, codec), []).append(out)
+        st = stats.setdefault(stream, StreamStats(stream, len(raws[stream]), values[stream], codec, 0))
+        st.sizes[codec] = st.sizes.get(codec, 0) + len(out)
+        st.seconds[codec] = st.seconds.get(codec, 0.0) + secs  # CPU seconds over all frames
     stream_table, payload, offset = [], [], 0
     for stream in raws:
-        codec, out = best[stream]
-        stats[stream].codec, stats[stream].length = codec, len(out)
+        sizes = stats[stream].sizes
+        codec = min(sizes, key=lambda c: (sizes[c], PACK_CODECS.index(c)))  # ties keep PACK_CODECS order
+        outs = framed[(stream, codec)]
+        length = sum(len(o) for o in outs)
+        stats[stream].codec, stats[stream].length = codec, length
         stream_table.append({"name": stream, "codec": codec, "transform": _pack_transform(stream),
-                             "raw_length": len(raws[stream]), "offset": offset, "length": len(out),
+                             "raw_length": len(raws[stream]), "offset": offset, "length": length,
+                             "frames": [len(o) for o in outs], "frame_bytes": PACK_FRAME_BYTES,
                              "sha256": hashlib.sha256(raws[stream]).hexdigest()})
-        payload.append(out)
-        offset += len(out)
+        payload.extend(outs)
+        offset += length
     header = _pack_header_bytes(table, stream_table, model_d, tok, qcfg_d, run_config)
     blob = b"".join([PACK_PREFIX.pack(PACK_MAGIC, PACK_VERSION, len(header)), header, *payload])
     pstats = PackStats([stats[s] for s in raws], PACK_PREFIX.size + len(header), len(blob),
@@ -385,6 +393,12 @@ def _pack_validate(header: Any, payload_size: int) -> None:
                             f"the file has {payload_size:,}")
     _pack_require(end == payload_size, f"{payload_size - end:,} unexpected bytes after the last stream")
     _pack_require(raw_total <= PACK_RAW_MAX, f"streams decode to {raw_total:,} bytes (cap {PACK_RAW_MAX:,})")
+    for s in streams:
+        frames, frame_bytes = s.get("frames"), s.get("frame_bytes")
+        _pack_require(_pack_is_int(frame_bytes, 1) and isinstance(frames, list)
+                      and all(_pack_is_int(f) for f in frames) and sum(frames) == s["length"]
+                      and len(frames) == -(-s["raw_length"] // frame_bytes),
+                      f"stream {s['name']}: frame table does not match its lengths")
     names: set[str] = set()
     spans: dict[str, list[tuple[int, int]]] = {s: [] for s in by_name}
     for e in tensors:
@@ -460,8 +474,12 @@ def unpack_bytes(data: bytes) -> tuple[QuantizedState, dict]:
     _pack_validate(header, len(data) - start)
     raws: dict[str, bytes] = {}
     for s in header["streams"]:
-        comp = bytes(data[start + s["offset"]:start + s["offset"] + s["length"]])
-        raw = _pack_decompress(s["name"], s["codec"], comp, s["raw_length"])
+        pos, pieces = start + s["offset"], []
+        for i, frame_len in enumerate(s["frames"]):
+            raw_len = min(s["frame_bytes"], s["raw_length"] - i * s["frame_bytes"])
+            pieces.append(_pack_decompress(s["name"], s["codec"], bytes(data[pos:pos + frame_len]), raw_len))
+            pos += frame_len
+        raw = b"".join(pieces)
         width = PACK_SHUFFLED.get(s["name"])
         raw = _pack_unshuffle(raw, width) if width else raw
         if hashlib.sha256(raw).hexdigest() != s["sha256"]:

@@ -116,9 +116,10 @@ def run_pipeline(cfg: Config, code_path: str | None = None, out_dir: str = ".",
     if info.is_main:
         # GPTQ runs where the Hessians live: on the GPU when there is one.
         state = {k: v.detach().float() for k, v in model.state_dict().items()}
-        _, blob, fit_changes = fit_to_budget(state, hessians, cfg.quant, cfg.model, tokenizer_meta,
-                                             code_bytes, run_config=cfg.to_dict())
+        qs, blob, fit_changes = fit_to_budget(state, hessians, cfg.quant, cfg.model, tokenizer_meta,
+                                              code_bytes, run_config=cfg.to_dict())
         write_artifact(artifact_path, blob)
+        say(qs.stats.summary())
     barrier()
     quant_time = time.perf_counter() - t_q
     model_bytes = artifact_path.stat().st_size

@@ -335,5 +335,8 @@ def test_header_is_plain_json_with_the_documented_fields(quantized):
     assert top_keys <= set(header)
     part = header["tensors"][0]["parts"][0]
     assert {"part", "dtype", "shape", "stream", "offset", "length"} == set(part)
-    stream_keys = {"name", "codec", "transform", "raw_length", "offset", "length", "sha256"}
+    stream_keys = {"name", "codec", "transform", "raw_length", "offset", "length", "frames", "frame_bytes",
+                   "sha256"}
     assert stream_keys == set(header["streams"][0])
+    for s in header["streams"]:  # frames tile the compressed stream
+        assert sum(s["frames"]) == s["length"] and len(s["frames"]) == -(-s["raw_length"] // s["frame_bytes"])

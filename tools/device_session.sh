@@ -45,7 +45,7 @@ run_preset() {  # run_preset PRESET VOCAB TOKENIZER EXTRA_SET...
   local preset=$1 vocab=$2 tok=$3; shift 3
   local sets=(--set data_path=$DATA/sp$vocab --set tokenizer_path=$tok --set max_wallclock_seconds=$WALL
               --set out_dir=/tmp/train_$preset)
-  for s in "$@"; do sets+=(--set "$s"); done
+  for s in "$@" ${EXTRA_SETS:-}; do sets+=(--set "$s"); done
   mkdir -p "$OUT/$preset"
   timeout 560 python3 -m golf run --preset "$preset" "${sets[@]}" --out "$OUT/$preset" 2>&1 \
     | grep -v "^config \|^versions " | tee "$OUT/$preset.log" | grep -v "ttt_sgd chunk"
@@ -53,13 +53,16 @@ run_preset() {  # run_preset PRESET VOCAB TOKENIZER EXTRA_SET...
 stage_record() { run_preset record 8192 $TOK8; }
 stage_baseline() { run_preset baseline 1024 $TOK1; }
 
-stage_evals() {  # extra evaluations of the record artifact: LoRA TTT variants, size ledger, budget
-  local art=$OUT/record/final_model.golf
+stage_evals() {  # evaluations of the carried record artifact: sliding, SGD and LoRA TTT, size, budget
+  local art=.carry/record/final_model.golf
+  mkdir -p $DATA/sp8192 && cp .carry/val8192/fineweb_val_000000.bin $DATA/sp8192/
+  timeout 100 python3 -m golf eval "$art" --sliding --ttt none --json 2>"$OUT/eval_sliding.err" \
+    | tee "$OUT/eval_sliding.json"
+  timeout 150 python3 -m golf eval "$art" --sliding --ttt sgd --json 2>"$OUT/eval_sgd.err" | tee "$OUT/eval_sgd.json"
   python3 -m golf size-check "$art" | tee "$OUT/size_check.txt"
-  python3 -m golf budget --preset record --from-artifact "$art" | tee "$OUT/budget.txt"
-  timeout 200 python3 -m golf eval "$art" --ttt lora --json 2>"$OUT/eval_lora.err" | tee "$OUT/eval_lora.json"
-  timeout 200 python3 -m golf eval "$art" --ttt lora -s lora_phases=3 -s lora_phase_docs=100 --json \
-    2>"$OUT/eval_lora_phased.err" | tee "$OUT/eval_lora_phased.json"
+  python3 -m golf budget --preset record | tee "$OUT/budget.txt"
+  timeout 150 python3 -m golf eval "$art" --ttt lora --json 2>"$OUT/eval_lora.err" | tee "$OUT/eval_lora.json"
+  timeout 120 python3 tools/bench_codecs.py "$art" | tee "$OUT/codecs.txt"
 }
 
 stage_parity() {  # 1 GPU (grad accumulation) vs 2 GPUs at the same global batch and seed
