@@ -225,7 +225,7 @@ class StreamStats:
     codec: str  # the one kept
     length: int  # compressed bytes kept
     sizes: dict[str, int] = field(default_factory=dict)  # every codec tried → compressed bytes
-    seconds: dict[str, float] = field(default_factory=dict)  # every codec tried → wall seconds
+    seconds: dict[str, float] = field(default_factory=dict)  # every codec tried → CPU seconds (all frames)
 
 
 @dataclass

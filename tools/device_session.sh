@@ -53,16 +53,16 @@ run_preset() {  # run_preset PRESET VOCAB TOKENIZER EXTRA_SET...
 stage_record() { run_preset record 8192 $TOK8; }
 stage_baseline() { run_preset baseline 1024 $TOK1; }
 
-stage_evals() {  # evaluations of the carried record artifact: sliding, SGD and LoRA TTT, size, budget
+stage_evals() {  # evaluations of the carried record artifact: sliding, SGD-TTT, size, codecs, LoRA-TTT
   local art=.carry/record/final_model.golf
   mkdir -p $DATA/sp8192 && cp .carry/val8192/fineweb_val_000000.bin $DATA/sp8192/
-  timeout 100 python3 -m golf eval "$art" --sliding --ttt none --json 2>"$OUT/eval_sliding.err" \
+  timeout 90 python3 -m golf eval "$art" --sliding --ttt none --json 2>"$OUT/eval_sliding.err" \
     | tee "$OUT/eval_sliding.json"
-  timeout 150 python3 -m golf eval "$art" --sliding --ttt sgd --json 2>"$OUT/eval_sgd.err" | tee "$OUT/eval_sgd.json"
+  timeout 120 python3 -m golf eval "$art" --sliding --ttt sgd --json 2>"$OUT/eval_sgd.err" | tee "$OUT/eval_sgd.json"
   python3 -m golf size-check "$art" | tee "$OUT/size_check.txt"
   python3 -m golf budget --preset record | tee "$OUT/budget.txt"
-  timeout 150 python3 -m golf eval "$art" --ttt lora --json 2>"$OUT/eval_lora.err" | tee "$OUT/eval_lora.json"
-  timeout 120 python3 tools/bench_codecs.py "$art" | tee "$OUT/codecs.txt"
+  timeout 60 python3 tools/bench_codecs.py "$art" | tee "$OUT/codecs.txt"
+  timeout 90 python3 -m golf eval "$art" --ttt lora --json 2>"$OUT/eval_lora.err" | tee "$OUT/eval_lora.json"
 }
 
 stage_parity() {  # 1 GPU (grad accumulation) vs 2 GPUs at the same global batch and seed

@@ -1,0 +1,34 @@
+"""Re-pack an artifact with each codec alone: compressed size, bits/param and wall time.
+
+Usage: python tools/bench_codecs.py ARTIFACT [--workers N]
+The artifact's quantized values are packed again unchanged, so the sizes compare the codecs on
+exactly the submitted model. Wall time is for all frames on `--workers` threads (default: all CPUs).
+"""
+
+import argparse
+import time
+
+from golf.pack import PACK_CODECS, pack_with_stats, read_artifact
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("artifact")
+    parser.add_argument("--workers", type=int, default=None)
+    args = parser.parse_args()
+    qs, header = read_artifact(args.artifact)
+    params = sum(rec.q.numel() if rec.kind == "quant" else rec.data.numel() for rec in qs.records.values())
+    streams = [s["name"] for s in header["streams"]]
+    print(f"{args.artifact}: {params:,} stored values in {len(streams)} streams")
+    print(f"{'codec':<8} {'bytes':>12} {'bits/param':>11} {'wall s':>8}")
+    for codec in (*PACK_CODECS, "auto"):
+        forced = None if codec == "auto" else {name: codec for name in streams}
+        t = time.perf_counter()
+        blob, stats = pack_with_stats(qs, header["model_config"], header["tokenizer"], header["quant_config"],
+                                      codecs=forced, run_config=header.get("run_config"), workers=args.workers)
+        wall = time.perf_counter() - t
+        print(f"{codec:<8} {len(blob):>12,} {8 * len(blob) / params:>11.3f} {wall:>8.1f}")
+
+
+if __name__ == "__main__":
+    main()
