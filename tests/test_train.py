@@ -82,3 +82,21 @@ def test_micro_batch_plan_keeps_global_batch(tiny_data, tiny_tokenizer, tmp_path
     for world in (1, 2, 4):
         accum, seqs = micro_batch_plan(cfg, world)
         assert accum * seqs * world * cfg.train.train_seq_len == 8192
+
+
+def test_ema_export_forgets_the_initialization(tiny_data, tiny_tokenizer, tmp_path):
+    """A short run's EMA export sits near the live weights, not near the random init.
+
+    EMA never feeds back into training, so a twin run with ema_decay=0 has the same live weights.
+    With a constant decay of 0.9965, 30 steps would leave 0.9965^30 = 90% of the init in the export.
+    """
+    from golf.model import GPT
+
+    common = dict(iterations=30, max_wallclock_seconds=0, warmup_steps=0)
+    cfg = tiny_config(tiny_data, tiny_tokenizer, tmp_path / "ema", ema_decay=0.9965, **common)
+    torch.manual_seed(cfg.train.seed)
+    init = GPT(cfg.model).state_dict()
+    ema = train(cfg, log=lambda _: None).model.state_dict()
+    live = _run(tiny_data, tiny_tokenizer, tmp_path / "live", ema_decay=0, **common).model.state_dict()
+    name = "blocks.0.attn.c_q.weight"
+    assert (ema[name] - live[name]).norm() < 0.5 * (live[name] - init[name]).norm()

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Benchmarks on a lent GPU machine, as recorded in docs/benchmarks.md.
 #   bash tools/device_session.sh STAGE...   (stages: setup data8192 data1024 kernels record baseline
-#                                            evals parity submit2)
+#                                            evals parity submit2 evalparity)
 # Expects, carried with the working tree: .whl/ (brotli, zstandard wheels for the device python)
 # and .carry/ (proxy/*.jsonl.{gz,xz}, tok/*.model, val1024/ and val8192/ FineWeb eval shards).
 # Every log goes to $OUT (or ./device_out); each stage has its own time limit.
@@ -65,22 +65,30 @@ stage_evals() {  # evaluations of the carried record artifact: sliding, SGD-TTT,
   timeout 90 python3 -m golf eval "$art" --ttt lora --json 2>"$OUT/eval_lora.err" | tee "$OUT/eval_lora.json"
 }
 
-stage_parity() {  # 1 GPU (grad accumulation) vs 2 GPUs at the same global batch and seed
-  local sets=(--set data_path=$DATA/sp8192 --set tokenizer_path=$TOK8 --set max_wallclock_seconds=0
-              --set iterations=50 --set train_log_every=1 --set warmdown_frac=0)
-  CUDA_VISIBLE_DEVICES=0 timeout 280 python3 -m golf train --preset record "${sets[@]}" \
-    --set out_dir=/tmp/p1 2>&1 | grep "^step\|model:\|stopped" > "$OUT/parity_1gpu.log"
-  timeout 280 torchrun --standalone --nproc_per_node=2 -m golf train --preset record "${sets[@]}" \
-    --set out_dir=/tmp/p2 2>&1 | grep "^step\|model:\|stopped" > "$OUT/parity_2gpu.log"
-  tail -3 "$OUT/parity_1gpu.log" "$OUT/parity_2gpu.log"
+# Two-GPU checks. PARITY makes the runs comparable: iteration-based progress (no wallclock), 50 steps,
+# every loss logged. The 2-GPU side is the bundled train_gpt.py run by `golf submit --nproc 2`.
+PARITY=(--set data_path=$DATA/sp8192 --set max_wallclock_seconds=0 --set iterations=50 --set train_log_every=1)
+
+stage_parity() {  # the 1-GPU reference: same global batch through gradient accumulation
+  CUDA_VISIBLE_DEVICES=0 timeout 280 python3 -m golf train --preset record "${PARITY[@]}" \
+    --set tokenizer_path=$TOK8 --set out_dir=/tmp/p1 2>&1 | grep "^step\|model:\|stopped" > "$OUT/parity_1gpu.log"
+  tail -2 "$OUT/parity_1gpu.log"
 }
 
-stage_submit2() {  # the bundled train_gpt.py end to end on two GPUs
-  timeout 560 python3 -m golf submit --preset record --seed 42 --name proxy_2gpu --nproc 2 \
-    --records-dir "$OUT/records" --work-dir /tmp/work \
-    --set data_path=$DATA/sp8192 --set tokenizer_path=$PWD/$TOK8 --set max_wallclock_seconds=$WALL \
-    2>&1 | grep -v "ttt_sgd chunk" | tail -40
+stage_submit2() {  # make submit NPROC=2: bundle → torchrun train_gpt.py → records folder → stats
+  timeout 330 python3 -m golf submit --preset record --seed 42 --name proxy_2gpu --nproc 2 \
+    --records-dir "$OUT/records" --work-dir /tmp/work "${PARITY[@]}" --set tokenizer_path=$PWD/$TOK8 \
+    2>&1 | grep -v "ttt_sgd chunk" | tail -25
   python3 -m golf stats "$OUT"/records/*_proxy_2gpu | tee "$OUT/stats.txt"
+}
+
+stage_evalparity() {  # the 2-GPU run's artifact scored again on one GPU (sliding, SGD-TTT)
+  local art
+  art=$(ls /tmp/work/*/seed42/final_model.golf /tmp/work/*/*/final_model.golf 2>/dev/null | head -1)
+  CUDA_VISIBLE_DEVICES=0 timeout 60 python3 -m golf eval "$art" --sliding --ttt none --json 2>/dev/null \
+    | tee "$OUT/evalparity_sliding_1gpu.json"
+  CUDA_VISIBLE_DEVICES=0 timeout 90 python3 -m golf eval "$art" --sliding --ttt sgd --json 2>/dev/null \
+    | tee "$OUT/evalparity_sgd_1gpu.json"
 }
 
 for stage in "$@"; do
