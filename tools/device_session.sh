@@ -69,10 +69,13 @@ stage_evals() {  # evaluations of the carried record artifact: sliding, SGD-TTT,
 # every loss logged. The 2-GPU side is the bundled train_gpt.py run by `golf submit --nproc 2`.
 PARITY=(--set data_path=$DATA/sp8192 --set max_wallclock_seconds=0 --set iterations=50 --set train_log_every=1)
 
-stage_parity() {  # the 1-GPU reference: same global batch through gradient accumulation
-  CUDA_VISIBLE_DEVICES=0 timeout 280 python3 -m golf train --preset record "${PARITY[@]}" \
-    --set tokenizer_path=$TOK8 --set out_dir=/tmp/p1 2>&1 | grep "^step\|model:\|stopped" > "$OUT/parity_1gpu.log"
-  tail -2 "$OUT/parity_1gpu.log"
+stage_parity() {  # 1 GPU (gradient accumulation) vs 2 GPUs, same seed and global batch, every loss logged
+  local sets=("${PARITY[@]}" --set tokenizer_path=$TOK8 --set seed=42 --set compile=${PARITY_COMPILE:-1})
+  CUDA_VISIBLE_DEVICES=0 timeout 280 python3 -m golf train --preset record "${sets[@]}" --set out_dir=/tmp/p1 \
+    2>&1 | grep "^step\|model:\|stopped" > "$OUT/parity_1gpu.log"
+  timeout 200 torchrun --standalone --nproc_per_node=2 -m golf train --preset record "${sets[@]}" \
+    --set out_dir=/tmp/p2 2>&1 | grep "^step\|model:\|stopped" > "$OUT/parity_2gpu.log"
+  tail -2 "$OUT/parity_1gpu.log" "$OUT/parity_2gpu.log"
 }
 
 stage_submit2() {  # make submit NPROC=2: bundle → torchrun train_gpt.py → records folder → stats
