@@ -155,7 +155,9 @@ def train(cfg: Config, info: DistInfo | None = None, log: Callable[[str], None] 
             # steps (41% after 255), which poisons the export of any short run.
             decay = min(t.ema_decay, (1.0 + step) / (10.0 + step))
             torch._foreach_lerp_(ema, [p.detach() for p in params], 1.0 - decay)
-        return total / accum
+        if info.world_size > 1:  # log the global batch's loss, not this rank's share (gloo has no AVG)
+            dist.all_reduce(total, op=dist.ReduceOp.SUM)
+        return total / (accum * info.world_size)
 
     phases["setup"] = time.perf_counter() - t_setup
 

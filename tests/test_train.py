@@ -100,3 +100,41 @@ def test_ema_export_forgets_the_initialization(tiny_data, tiny_tokenizer, tmp_pa
     live = _run(tiny_data, tiny_tokenizer, tmp_path / "live", ema_decay=0, **common).model.state_dict()
     name = "blocks.0.attn.c_q.weight"
     assert (ema[name] - live[name]).norm() < 0.5 * (live[name] - init[name]).norm()
+
+
+def _parity_worker(rank: int, port: int, cfg_json: str, out: str) -> None:
+    import json
+
+    from golf.config import Config
+
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    cfg = Config.from_dict(json.loads(cfg_json))
+    result = train(cfg, log=lambda _: None, export=False)
+    if rank == 0:
+        with open(out, "w") as f:
+            json.dump(result.losses, f)
+    torch.distributed.barrier()
+    os._exit(0)  # skip gloo's thread teardown (see tests/test_eval.py)
+
+
+def test_two_ranks_match_one_rank_with_accumulation(tiny_data, tiny_tokenizer, tmp_path):
+    """The multi-GPU path on CPU: 2 gloo ranks vs 1 rank accumulating the same global batch."""
+    import json
+    import socket
+
+    import torch.multiprocessing as mp
+
+    cfg = tiny_config(tiny_data, tiny_tokenizer, tmp_path, iterations=6, max_wallclock_seconds=0,
+                      train_batch_tokens=8192, micro_batch_tokens=2048)
+    single = train(cfg, log=lambda _: None, export=False).losses
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = tmp_path / "losses.json"
+    mp.spawn(_parity_worker, args=(port, cfg.to_json(), str(out)), nprocs=2)
+    double = [tuple(x) for x in json.loads(out.read_text())]
+    assert [s for s, _ in double] == [s for s, _ in single]
+    for (_, a), (_, b) in zip(single, double):
+        assert abs(a - b) < 1e-4, (single, double)
