@@ -346,17 +346,25 @@ def verify_bundle(out_dir: str | Path) -> BundleInfo:
                       hashlib.sha256(wrapper).hexdigest(), codec)
 
 
-def write_file_atomic(path: Path, data: bytes) -> None:
-    """Write `path` through a temporary file in its folder + os.replace (readers never see half a file)."""
+def write_file_atomic(path: Path, data: bytes, replace: bool = True) -> None:
+    """Write `path` through a temporary file in its folder, so readers never see half a file.
+
+    replace=False creates the file only if it does not exist yet (a hard link never replaces its
+    target) and raises BundleError otherwise: what a user made is never overwritten.
+    """
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         os.fchmod(fd, 0o644)  # mkstemp makes 0600; these are ordinary shared files
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
-        os.replace(tmp, path)
-    except BaseException:
+        if replace:
+            os.replace(tmp, path)
+        else:
+            os.link(tmp, path)
+    except FileExistsError:
+        raise BundleError(f"{path} already exists; refusing to overwrite it") from None
+    finally:
         Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def bundle(cfg: Config, out_dir: str | Path, overwrite: bool = False,

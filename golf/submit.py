@@ -32,7 +32,6 @@ import shlex
 import struct
 import subprocess
 import sys
-import tempfile
 import zlib
 from importlib.metadata import PackageNotFoundError
 from importlib.metadata import version as dist_version
@@ -665,20 +664,6 @@ def readme_block(runs: list[SeedRun], sub: dict, compliance: dict) -> str:
 # ----------------------------------------------------------------------------- records folder
 
 
-def _sub_place_new(path: Path, data: bytes) -> None:
-    """Create `path` atomically, refusing if it exists (a hard link never replaces its target)."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        os.fchmod(fd, 0o644)  # mkstemp makes 0600; these are ordinary shared files
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-        os.link(tmp, path)
-    except FileExistsError:
-        raise SubmissionError(f"{path} already exists; refusing to overwrite it") from None
-    finally:
-        Path(tmp).unlink(missing_ok=True)
-
-
 def write_record(folder: str | Path, name: str | None = None, author: str | None = None,
                  github_id: str | None = None, blurb: str | None = None, date: str | None = None,
                  track: str | None = None) -> dict:
@@ -843,6 +828,6 @@ def submit_run(cfg: Config, seed: int, name: str | None = None, nproc: int = 1,
             write_file_atomic(path, data)
         elif path.read_bytes() != data:
             raise SubmissionError(f"{path} differs from this bundle; all seeds must come from the same code")
-    _sub_place_new(folder / log_name, log_path.read_bytes())
+    write_file_atomic(folder / log_name, log_path.read_bytes(), replace=False)
     sub = write_record(folder, name=name, author=author, github_id=github_id, blurb=blurb, date=date)
     return {"folder": folder, "log": folder / log_name, "submission": sub, "bundle": info}

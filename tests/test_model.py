@@ -24,15 +24,6 @@ def is_contract_matrix(name: str) -> bool:
             or (name.startswith("blocks.") and name.endswith(MATRIX_SUFFIXES)))
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    """These models are tiny: intra-op threads only add spin-wait overhead on a busy 2-core box."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def small_cfg(**overrides) -> ModelConfig:
     base = ModelConfig(vocab_size=64, num_layers=4, model_dim=32, num_heads=4, num_kv_heads=2,
                        mlp_mult=2.0, attn_backend="sdpa")

@@ -42,15 +42,6 @@ REPO = Path(__file__).resolve().parents[1]
 TOKENIZER_META = {"sha256": "ab" * 32, "vocab_size": 512}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny matrices: intra-op threads only add contention on a shared 2-core box.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def _trained_like(model: GPT) -> None:
     # No two tensors equal, no zero projections: what a trained model looks like to the packer.
     with torch.no_grad():

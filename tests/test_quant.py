@@ -22,15 +22,6 @@ from golf.quant import (
 )
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny matrices: intra-op threads only add contention on a shared 2-core box.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def _correlated_inputs(n: int, cols: int, seed: int) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     mix = torch.randn(cols, cols, generator=g) / cols**0.5 + torch.eye(cols)
