@@ -228,10 +228,10 @@ def quantize_cmd(
 
     import torch
 
-    from golf.data import TokenLoader, file_sha256, list_shards, load_tokenizer
+    from golf.data import file_sha256, load_tokenizer
     from golf.model import GPT
     from golf.pack import ArtifactError, pack_bytes, write_artifact
-    from golf.quant import QuantError, collect_hessians, fit_to_budget, quantize_state
+    from golf.quant import QuantError, calibration_batches, collect_hessians, fit_to_budget, quantize_state
 
     if Path(out).exists():
         raise ArtifactError(f"{out} already exists; refusing to overwrite it")
@@ -263,9 +263,7 @@ def quantize_cmd(
     if q.gptq:
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         model.to(device)
-        loader = TokenLoader(list_shards(cfg.data.data_path, cfg.data.train_files), t.train_seq_len,
-                             seed=t.seed + 1, doc_packed=cfg.data.doc_packed)
-        batches = (loader.next_batch(q.gptq_calib_seqs, device)[0] for _ in range(q.gptq_calib_batches))
+        batches = calibration_batches(cfg, device)
         amp = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"
                              and t.amp_dtype == "bfloat16")
         with amp:

@@ -39,7 +39,8 @@ from typing import Any, Iterable
 import torch
 from torch import Tensor, nn
 
-from golf.config import GolfError, ModelConfig, QuantConfig
+from golf.config import Config, GolfError, ModelConfig, QuantConfig
+from golf.data import TokenLoader, list_shards
 
 QUANT_CLASSES = ("embedding", "attention", "mlp", "other")
 GPTQ_RETRIES = 4  # damping ×10 per retry: 0.01 → 0.1 → 1 → 10 → 100 (× mean diag H)
@@ -187,6 +188,20 @@ def _quant_same_tensor(a: Tensor, b: Tensor) -> bool:
 
 
 # ----------------------------------------------------------------------------- Hessians
+
+
+def calibration_batches(cfg: Config, device: torch.device | str, rank: int = 0, world_size: int = 1):
+    """GPTQ calibration windows from the TRAINING shards (never validation), rank-disjoint.
+
+    gptq_calib_batches batches of gptq_calib_seqs windows in all, split over the ranks; the
+    stream is seeded apart from training's (seed + 1).
+    """
+    q, t = cfg.quant, cfg.train
+    files = list_shards(cfg.data.data_path, cfg.data.train_files)
+    loader = TokenLoader(files, t.train_seq_len, rank=rank, world_size=world_size, seed=t.seed + 1,
+                         doc_packed=cfg.data.doc_packed)
+    for _ in range(max(1, q.gptq_calib_batches // world_size)):
+        yield loader.next_batch(q.gptq_calib_seqs, device)[0]
 
 
 def collect_hessians(model: nn.Module, batches: Iterable[Tensor], device: torch.device | str | None = None

@@ -26,11 +26,11 @@ import numpy as np
 import torch
 
 from golf.config import Config, ConfigError, load_config
-from golf.data import TokenLoader, byte_table, file_sha256, list_shards, load_tokenizer, load_val_tokens
+from golf.data import byte_table, file_sha256, list_shards, load_tokenizer, load_val_tokens
 from golf.dist import all_reduce_sum, barrier, init_distributed, world
 from golf.eval import evaluate, load_artifact_model
 from golf.pack import write_artifact
-from golf.quant import collect_hessians, fit_to_budget
+from golf.quant import calibration_batches, collect_hessians, fit_to_budget
 from golf.train import train
 
 ARTIFACT_NAME = "final_model.golf"
@@ -54,15 +54,6 @@ def _nvidia_smi() -> str:
         return subprocess.run(["nvidia-smi"], capture_output=True, text=True, timeout=20).stdout
     except (OSError, subprocess.TimeoutExpired):
         return ""
-
-
-def calibration_batches(cfg: Config, rank: int, world_size: int, device: torch.device):
-    """GPTQ calibration windows from the TRAINING shards (never validation), rank-disjoint."""
-    q, t = cfg.quant, cfg.train
-    files = list_shards(cfg.data.data_path, cfg.data.train_files)
-    loader = TokenLoader(files, t.train_seq_len, rank=rank, world_size=world_size, seed=t.seed + 1)
-    for _ in range(q.gptq_calib_batches // world_size or 1):
-        yield loader.next_batch(q.gptq_calib_seqs, device)[0]
 
 
 def run_pipeline(cfg: Config, code_path: str | None = None, out_dir: str = ".",
@@ -99,7 +90,7 @@ def run_pipeline(cfg: Config, code_path: str | None = None, out_dir: str = ".",
     amp = (torch.autocast("cuda", dtype=torch.bfloat16) if info.device.type == "cuda"
            else torch.autocast("cpu", enabled=False))
     with amp:
-        hessians = collect_hessians(model, calibration_batches(cfg, info.rank, info.world_size, info.device))
+        hessians = collect_hessians(model, calibration_batches(cfg, info.device, info.rank, info.world_size))
     if info.world_size > 1:
         for h in hessians.values():
             all_reduce_sum(h).div_(info.world_size)
