@@ -206,3 +206,25 @@ def test_fit_ladder_is_ordered_and_ends_at_the_floors():
     last = rungs[-1][0]
     assert (last.mlp_bits, last.attn_bits, last.other_bits, last.embed_bits) == (4, 4, 4, 6)
     assert fit_ladder(q) == rungs  # deterministic
+
+
+def test_quantize_cli_on_a_trained_checkpoint(tiny_data, tiny_tokenizer, tmp_path):
+    """golf train's export → golf quantize --fit → a readable artifact; a second run refuses to overwrite."""
+    import subprocess
+    import sys
+
+    from golf.pack import read_artifact
+    from golf.train import train
+    from tests.conftest import tiny_config
+
+    train(tiny_config(tiny_data, tiny_tokenizer, tmp_path / "run", iterations=3, max_wallclock_seconds=0),
+          log=lambda _: None)
+    cmd = [sys.executable, "-m", "golf", "quantize", str(tmp_path / "run" / "final_model.pt"),
+           "--out", str(tmp_path / "m.golf"), "--fit"]
+    first = subprocess.run(cmd, capture_output=True, text=True)
+    assert first.returncode == 0, first.stderr
+    assert "calibrated" in first.stdout and "fits" in first.stdout
+    qs, header = read_artifact(tmp_path / "m.golf")
+    assert header["model_config"]["num_layers"] == 6 and qs.records
+    again = subprocess.run(cmd, capture_output=True, text=True)
+    assert again.returncode == 2 and "refusing to overwrite" in again.stderr
