@@ -239,6 +239,18 @@ def _open_jsonl(path: Path, kind: str):
     return open(path, encoding="utf-8", newline="")
 
 
+def _input_paths(inputs: Sequence[str | Path], what: str) -> list[Path]:
+    """Document files for `what`: at least one, each existing and of a known kind."""
+    paths = [Path(p) for p in inputs]
+    if not paths:
+        raise DataError(f"{what} needs at least one input file")
+    for p in paths:
+        _doc_kind(p)
+        if not p.is_file():
+            raise DataError(f"{p}: no such input file")
+    return paths
+
+
 def iter_documents(path: str | Path) -> Iterator[str]:
     """The documents of one input: a .txt file is one document (bytes as stored); a .jsonl /
     .jsonl.gz / .jsonl.xz file holds one {"text": ...} object per line."""
@@ -332,13 +344,7 @@ def train_tokenizer(inputs: Sequence[str | Path], out_prefix: str | Path, vocab_
     `overwrite`. SentencePiece skips sentences longer than `max_sentence_length` bytes (its default
     4192, which the official tokenizer used); raise it for corpora of long documents.
     """
-    paths = [Path(p) for p in inputs]
-    if not paths:
-        raise DataError("train_tokenizer needs at least one input file")
-    for p in paths:
-        _doc_kind(p)
-        if not p.is_file():
-            raise DataError(f"{p}: no such input file")
+    paths = _input_paths(inputs, "train_tokenizer")
     out_prefix = Path(out_prefix)
     model, vocab = Path(f"{out_prefix}.model"), Path(f"{out_prefix}.vocab")
     for dest in (model, vocab):
@@ -521,13 +527,7 @@ def build_shards(inputs: Sequence[str | Path], tokenizer_path: str | Path, out_d
     [BOS] + encode(text), and shards are filled to exactly `shard_tokens` (documents may straddle
     two shards, as in the official export). Writes `build_summary.json` and returns it.
     """
-    paths = [Path(p) for p in inputs]
-    if not paths:
-        raise DataError("build needs at least one input file")
-    for p in paths:
-        _doc_kind(p)
-        if not p.is_file():
-            raise DataError(f"{p}: no such input file")
+    paths = _input_paths(inputs, "build")
     if shard_tokens < 1 or shard_tokens >= 2**31:
         raise DataError(f"shard_tokens={shard_tokens} must be in [1, 2^31)")
     if val_docs < 0:

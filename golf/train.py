@@ -15,6 +15,7 @@ Notable:
 
 from __future__ import annotations
 
+import copy
 import math
 import os
 import signal
@@ -166,7 +167,7 @@ def train(cfg: Config, info: DistInfo | None = None, log: Callable[[str], None] 
     if t.warmup_steps > 0:
         initial = {
             "model": {k: v.detach().clone() for k, v in model.state_dict().items()},
-            "optimizers": [_clone_state(opt.state_dict()) for opt in optimizers],
+            "optimizers": [copy.deepcopy(opt.state_dict()) for opt in optimizers],
             "loader": loader.state_dict(),
         }
         looped = cfg.model.num_loops > 1
@@ -276,16 +277,6 @@ def train(cfg: Config, info: DistInfo | None = None, log: Callable[[str], None] 
     return TrainResult(model=model, steps=step, train_time_s=train_time, tokens_seen=step * tokens_per_step,
                        stopped=stopped, startup_s=startup_s, phases=phases, losses=losses,
                        attn_backend=model.attn_backend_name)
-
-
-def _clone_state(state):
-    if isinstance(state, torch.Tensor):
-        return state.detach().clone()
-    if isinstance(state, dict):
-        return {k: _clone_state(v) for k, v in state.items()}
-    if isinstance(state, list):
-        return [_clone_state(v) for v in state]
-    return state
 
 
 def _train_state(model, optimizers, loader, ema, step, elapsed, losses) -> dict:
