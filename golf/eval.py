@@ -17,10 +17,12 @@ Notable:
   - `sgd` (#1493): the stream in `ttt_chunk_tokens` chunks; after scoring a chunk (windows may
     reach back into earlier chunks for context) all weights take `ttt_epochs` SGD steps on it,
     cosine LR over chunks, grads summed over ranks as a global token mean.
-  - `lora` (#1530/#1626): per document, LoRA on q/k/v/o, MLP fc/proj and the head through forward
-    hooks; the document is walked in `lora_chunk_tokens` chunks (score, then one Adam step), the
-    adapters reset per document; context is the document's own prefix, at most eval_seq_len.
-    Documents are batched with per-document adapters (bmm in the hooks).
+  - `lora` (#1530/#1626): per document, LoRA on q/k/v/o, MLP fc/proj and the head (carried by
+    the `CastedLinear`s themselves, bmm per document); the document is walked in
+    `lora_chunk_tokens` chunks, the adapters reset per document; context is the document's own
+    prefix, at most eval_seq_len. One forward per chunk scores it and, after its NLL is recorded,
+    gives the loss of one Adam step: the same numbers a separate no_grad pass would give, at
+    three quarters of the cost. Documents are batched with per-document adapters.
   - phased global SGD (`lora_phases` > 0): after lora_phase_docs·k/lora_phases documents
     (k = 1..lora_phases; fixed counts, so the schedule reads no future token) one SGD pass of the
     base weights (ttt_lr, ttt_momentum, one step per ttt_chunk_tokens) runs over every document
@@ -58,7 +60,7 @@ from torch import nn
 from golf.config import Config, EvalConfig, GolfError, ModelConfig, TTTConfig
 from golf.data import BOS_ID, ByteTable, byte_table, list_shards, load_tokenizer, load_val_tokens
 from golf.dist import all_reduce_sum, init_distributed, world
-from golf.model import GPT
+from golf.model import GPT, CastedLinear
 from golf.pack import read_artifact
 from golf.quant import dequantize_state
 
@@ -135,27 +137,29 @@ def _eval_rank_range(n: int, rank: int, world_size: int) -> tuple[int, int]:
 
 
 def _eval_window_batch(tokens: torch.Tensor, rows: torch.Tensor):
-    """(x, y, scored) for plan rows: right-padded [B, T] inputs and targets, and a bool mask of
-    the scored positions (row-major order = target order within each row)."""
-    ctx, end, score = rows.unbind(1)
-    width = int((end - ctx).max())
-    dev = tokens.device
-    ctx, end, score = ctx.to(dev), end.to(dev), score.to(dev)
-    pos = torch.arange(width, device=dev)
-    idx = ctx[:, None] + pos[None]
-    valid = idx < end[:, None]
+    """(x, pos, y, valid) for plan rows: right-padded [B, T] inputs, and each row's scored
+    positions packed left as [B, W]: where they sit in x, their targets, and which are real."""
+    ctx, end, score = (c.to(tokens.device) for c in rows.unbind(1))
+    width, n_scored = int((end - ctx).max()), end - score
     last = tokens.numel() - 1
-    x = torch.where(valid, tokens[idx.clamp(max=last)], 0)  # causal: padding after never reaches them
-    y = tokens[(idx + 1).clamp(max=last)]
-    return x, y, valid & (idx >= score[:, None])
+    idx = ctx[:, None] + torch.arange(width, device=tokens.device)[None]
+    x = torch.where(idx < end[:, None], tokens[idx.clamp(max=last)], 0)  # causal: padding after never reaches them
+    cols = torch.arange(int(n_scored.max()), device=tokens.device)[None]
+    valid = cols < n_scored[:, None]
+    pos = ((score - ctx)[:, None] + cols).clamp(max=width - 1)
+    y = tokens[(ctx[:, None] + pos + 1).clamp(max=last)]
+    return x, pos, y, valid
 
 
-def _eval_window_nll(model: nn.Module, tokens: torch.Tensor, rows: torch.Tensor, amp) -> torch.Tensor:
-    """Float32 NLL of the scored targets of `rows`, concatenated in row order."""
-    x, y, scored = _eval_window_batch(tokens, rows)
+def _eval_window_nll(model: GPT, tokens: torch.Tensor, rows: torch.Tensor, amp) -> torch.Tensor:
+    """Float32 NLL of the scored targets of `rows`, concatenated in row order. The head runs on
+    the scored positions only (a sliding window scores 64 of its 2048)."""
+    x, pos, y, valid = _eval_window_batch(tokens, rows)
     with amp:
-        logits = model(x)
-    return F.cross_entropy(logits[scored].float(), y[scored], reduction="none")
+        h = model.hidden(x)
+        h = torch.gather(h, 1, pos[..., None].expand(-1, -1, h.size(-1)))
+        logits = model.logits(h)
+    return F.cross_entropy(logits[valid].float(), y[valid], reduction="none")
 
 
 class _EvalSink:
@@ -355,16 +359,17 @@ def _eval_ttt_sgd(run: _EvalRun) -> None:
 
 
 class _EvalLoraBank:
-    """Per-document LoRA on the target modules: out += (x @ A[d]) @ B[d], through forward hooks.
+    """Per-document LoRA on the target linears: out += (x @ A[d]) @ B[d], batched with bmm.
 
     A starts as one fixed seeded draw, U(±1/sqrt(fan_in)) as nn.Linear's init, the same for every
     document and rank; B starts at zero, so a fresh adapter is exactly the base model. No alpha/r
-    scale: Adam's first steps move B by ~lr whatever the scale. `rows` maps the batch rows of the
-    current forward to documents."""
+    scale: Adam's first steps move B by ~lr whatever the scale. `use(rows)` hands each target
+    `CastedLinear` the adapters of the documents in the rows of the next forward (no hooks, so
+    compiled blocks trace it)."""
 
     def __init__(self, model: nn.Module, rank: int, device: torch.device):
         self.targets = [(name, m) for name, m in model.named_modules()
-                        if EVAL_LORA_TARGETS.fullmatch(name) and isinstance(m, nn.Linear)]
+                        if EVAL_LORA_TARGETS.fullmatch(name) and isinstance(m, CastedLinear)]
         if not self.targets:
             raise EvalError("LoRA TTT found no q/k/v/o, MLP or lm_head linear in the model")
         gen = torch.Generator().manual_seed(EVAL_LORA_SEED)
@@ -376,21 +381,6 @@ class _EvalLoraBank:
         self.rank, self.device = rank, device
         self.a: list[torch.Tensor] = []
         self.b: list[torch.Tensor] = []
-        self.rows: torch.Tensor | None = None
-        self.enabled = False
-        self.handles = [m.register_forward_hook(self._hook(i)) for i, (_, m) in enumerate(self.targets)]
-
-    def _hook(self, i: int):
-        def apply(module: nn.Module, args: tuple, out: torch.Tensor):
-            if not self.enabled:
-                return None
-            x = args[0]
-            if x.dim() != 3 or x.size(0) != self.rows.numel():
-                raise RuntimeError(f"LoRA hook on {self.targets[i][0]}: input {tuple(x.shape)} does not "
-                                   f"match {self.rows.numel()} documents")
-            a, b = self.a[i][self.rows], self.b[i][self.rows]
-            return out + torch.bmm(torch.bmm(x, a.to(x.dtype)), b.to(x.dtype)).to(out.dtype)
-        return apply
 
     def reset(self, n_docs: int, lr: float) -> torch.optim.Optimizer:
         self.a = [a0.expand(n_docs, -1, -1).clone().requires_grad_(True) for a0 in self.init_a]
@@ -398,9 +388,10 @@ class _EvalLoraBank:
                   for _, m in self.targets]
         return torch.optim.Adam(self.a + self.b, lr=lr)
 
-    def remove(self) -> None:
-        for h in self.handles:
-            h.remove()
+    def use(self, rows: torch.Tensor | None) -> None:
+        """Batch row i of the next forward belongs to document rows[i]; None removes the adapters."""
+        for (_, m), a, b in zip(self.targets, self.a, self.b):
+            m.lora = None if rows is None else (a[rows], b[rows])
 
 
 def _eval_doc_spans(tokens_cpu: torch.Tensor, n_targets: int) -> torch.Tensor:
@@ -413,36 +404,35 @@ def _eval_doc_spans(tokens_cpu: torch.Tensor, n_targets: int) -> torch.Tensor:
 
 
 def _eval_lora_docs(run: _EvalRun, bank: _EvalLoraBank, docs: torch.Tensor) -> None:
-    """Score a batch of documents chunk by chunk, each with its own adapter: chunk k of every
-    document is scored (no_grad), then every document that has a chunk k+1 takes one Adam step
-    on the mean NLL of chunk k. The loss is a sum over documents, so each adapter gets exactly
-    its own document's gradient."""
+    """Score a batch of documents chunk by chunk, each with its own adapter. One forward per
+    chunk k does both jobs: its NLL is recorded as the score of chunk k (made with adapters
+    trained on chunks < k only), then every document that has a chunk k+1 takes one Adam step on
+    the mean NLL of chunk k. The loss is a sum over documents, so each adapter gets exactly its
+    own document's gradient."""
     t = run.tcfg
     plans = [_eval_doc_plan(int(d0), int(d1), t.lora_chunk_tokens, run.ecfg.eval_seq_len) for d0, d1 in docs]
     n_chunks = torch.tensor([p.size(0) for p in plans])
     opt = bank.reset(len(plans), t.lora_lr)
-    bank.enabled = True
     try:
         for k in range(int(n_chunks.max())):
             active = torch.nonzero(n_chunks > k).flatten()
             rows = torch.stack([plans[i][k] for i in active.tolist()])
-            bank.rows = active.to(run.tokens.device)
-            with torch.no_grad(), run.clock("score_s"):
-                run.sink.add(rows, _eval_window_nll(run.model, run.tokens, rows, run.amp()))
-            train = torch.nonzero(n_chunks[active] > k + 1).flatten()
-            if train.numel() == 0:
+            bank.use(active.to(run.tokens.device))
+            trains = n_chunks[active] > k + 1
+            if not bool(trains.any()):  # every document ends here: nothing to learn from this chunk
+                with torch.no_grad(), run.clock("score_s"):
+                    run.sink.add(rows, _eval_window_nll(run.model, run.tokens, rows, run.amp()))
                 continue
-            with run.clock("lora_train_s"):
-                rows = rows[train]
-                bank.rows = active[train].to(run.tokens.device)
+            with run.clock("lora_s"):
                 nll = _eval_window_nll(run.model, run.tokens, rows, run.amp())
-                counts = (rows[:, 1] - rows[:, 2]).to(nll.device)
-                per_token = torch.repeat_interleave(1.0 / counts.float(), counts)
-                (nll * per_token).sum().backward()
+                run.sink.add(rows, nll.detach())  # the score is fixed before the update below
+                counts = rows[:, 1] - rows[:, 2]
+                weight = torch.repeat_interleave(trains.float() / counts.float(), counts).to(nll.device)
+                (nll * weight).sum().backward()
                 opt.step()
                 opt.zero_grad(set_to_none=True)
     finally:
-        bank.enabled = False
+        bank.use(None)
 
 
 def _eval_ttt_lora(run: _EvalRun, tokens_cpu: torch.Tensor) -> None:
@@ -476,7 +466,7 @@ def _eval_ttt_lora(run: _EvalRun, tokens_cpu: torch.Tensor) -> None:
                 run.log(f"ttt_lora phase:{g + 1}/{len(bounds) - 2} docs_scored:{bounds[g + 1]} "
                         f"global_sgd_tokens:{scored_end} elapsed:{sum(run.clock.times.values()):.1f}s")
     finally:
-        bank.remove()
+        bank.use(None)
 
 
 def _eval_phase_sgd(run: _EvalRun, params: list[nn.Parameter], opt: torch.optim.Optimizer,
@@ -495,7 +485,7 @@ def _eval_phase_sgd(run: _EvalRun, params: list[nn.Parameter], opt: torch.optim.
 # ----------------------------------------------------------------------------- entry points
 
 
-def evaluate(model: nn.Module, val_tokens: torch.Tensor, table: ByteTable, ecfg: EvalConfig,
+def evaluate(model: GPT, val_tokens: torch.Tensor, table: ByteTable, ecfg: EvalConfig,
              tcfg: TTTConfig, dump_nll: str | Path | None = None, log: Callable[[str], None] = print,
              overwrite: bool = False) -> EvalResult:
     """Score the whole validation stream (1-D token ids, documents starting with BOS) and return
@@ -525,13 +515,15 @@ def evaluate(model: nn.Module, val_tokens: torch.Tensor, table: ByteTable, ecfg:
     run = _EvalRun(work, tokens_cpu.to(device), n_targets, ecfg, tcfg,
                    _EvalSink(device, keep_values=dump_path is not None), clock, amp,
                    log if rank == 0 else (lambda _msg: None), rank, world_size)
+    # Window widths, batch sizes and LoRA chunks vary: one dynamic-shape graph per region and mode.
     try:
-        if tcfg.ttt_mode == "sgd":
-            _eval_ttt_sgd(run)
-        elif tcfg.ttt_mode == "lora":
-            _eval_ttt_lora(run, tokens_cpu)
-        else:
-            _eval_windows(run)
+        with work.blocks_compiled(ecfg.eval_compile and device.type == "cuda", dynamic=True):
+            if tcfg.ttt_mode == "sgd":
+                _eval_ttt_sgd(run)
+            elif tcfg.ttt_mode == "lora":
+                _eval_ttt_lora(run, tokens_cpu)
+            else:
+                _eval_windows(run)
     finally:
         model.train(was_training)
     with clock("finalize_s"):

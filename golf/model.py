@@ -20,13 +20,16 @@ Notable:
 
 from __future__ import annotations
 
+import contextlib
 import math
+from functools import partial
+from typing import Iterator
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from golf.config import ConfigError, GolfError, ModelConfig
+from golf.config import ATTN_BACKENDS, ConfigError, GolfError, ModelConfig
 from golf.data import BOS_ID
 
 try:  # FlashAttention 3 (Hopper build)
@@ -47,26 +50,37 @@ class AttnBackendError(GolfError):
 
 
 class CastedLinear(nn.Linear):
-    """Bias-free linear with fp32 master weights cast to the input dtype (bf16 under autocast)."""
+    """Bias-free linear with fp32 master weights cast to the input dtype (bf16 under autocast).
+
+    `lora`, when set (LoRA TTT), holds per-batch-row adapters (A [B, in, r], B [B, r, out]) added
+    as x·A·B; a plain attribute, so it is neither a parameter nor in the state dict."""
 
     def __init__(self, in_features: int, out_features: int, zero_init: bool = False):
         super().__init__(in_features, out_features, bias=False)
         if zero_init:  # output projections start at zero, as in the official baseline
             nn.init.zeros_(self.weight)
+        self.lora: tuple[Tensor, Tensor] | None = None
 
     def forward(self, x: Tensor) -> Tensor:
-        return F.linear(x, self.weight.to(x.dtype))
+        y = F.linear(x, self.weight.to(x.dtype))
+        if self.lora is not None:
+            a, b = self.lora
+            y = y + torch.bmm(torch.bmm(x, a.to(x.dtype)), b.to(x.dtype)).to(y.dtype)
+        return y
 
 
 def resolve_attn_backend(choice: str) -> str:
-    """`auto` → fa3 | fa2 | sdpa, the first that can run; a forced backend must be available."""
+    """`auto` → fa3 | fa2 | sdpa, the first that can run; a forced backend must be available.
+
+    On an H100 with torch 2.11, SDPA itself dispatches causal GQA attention to cuDNN's sm90 flash
+    kernels (docs/benchmarks.md), so the fallback is a fast one."""
     cuda = torch.cuda.is_available()
     available = {"fa3": cuda and _fa3_attn_func is not None,
                  "fa2": cuda and _fa2_attn_func is not None, "sdpa": True}
     if choice == "auto":
         return next(name for name, ok in available.items() if ok)
     if choice not in available:
-        raise ConfigError(f"attn_backend must be auto|fa3|fa2|sdpa, got {choice!r}")
+        raise ConfigError(f"attn_backend must be {'|'.join(ATTN_BACKENDS)}, got {choice!r}")
     if not available[choice]:
         module = "flash_attn_interface" if choice == "fa3" else "flash_attn"
         raise AttnBackendError(f"attn_backend={choice} needs CUDA and an importable {module}")
@@ -204,7 +218,9 @@ class GPTBlock(nn.Module):
         self.attn_scale = nn.Parameter(torch.ones(d))
         self.mlp_scale = nn.Parameter(torch.ones(d))
         self.resid_mix = nn.Parameter(torch.stack((torch.ones(d), torch.zeros(d)))) if cfg.resid_mix else None
-        self.ln_factor = 1.0 / math.sqrt(layer + 1) if cfg.ln_scale else 1.0
+        # A tensor, not a python float: compiled blocks would otherwise each get their own graph.
+        self.register_buffer("ln_factor", torch.tensor(1.0 / math.sqrt(layer + 1)) if cfg.ln_scale else None,
+                             persistent=False)
         self.parallel = 0 <= cfg.parallel_from <= layer
         self.two_lane = self.parallel and cfg.parallel_lanes == 2
         # lane_route[lane, (attn, mlp)]: how much of each sublayer's output each lane receives.
@@ -218,7 +234,7 @@ class GPTBlock(nn.Module):
 
     def _norm(self, x: Tensor) -> Tensor:
         n = F.rms_norm(x, (self.dim,))
-        return n * self.ln_factor if self.ln_factor != 1.0 else n
+        return n if self.ln_factor is None else n * self.ln_factor.to(n.dtype)
 
     def forward(self, x: Tensor, x0: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
         x = self._mix(x, x0)
@@ -300,6 +316,40 @@ class GPT(nn.Module):
             self.lm_head.weight = self.tok_emb.weight
         else:  # the official baseline: untied head starts at zero, embedding keeps N(0, 1)
             nn.init.zeros_(self.lm_head.weight)
+        self.compile_blocks(False)
+
+    # ------------------------------------------------------------------ regional compilation
+
+    def compile_blocks(self, enable: bool = True, dynamic: bool | None = False) -> None:
+        """Compile each block, and the head with its loss, as separate regions (or go back to eager).
+
+        Identical blocks share a graph (their weights are graph inputs), so the record model
+        compiles four small graphs (embedding, sequential block, parallel block, head) instead of one
+        unrolled graph per layer order, and switching depth recurrence on costs no compile.
+        Compiled regions bypass module hooks: switch it off before hooking modules (GPTQ, LoRA)."""
+        if not enable:
+            self._compiled = None
+            return
+        # Training, scoring and each TTT mode add graphs to the same functions' caches.
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 32)
+        # Functions, not per-module wrappers: one dynamo cache per code object, shared by all blocks,
+        # and a deepcopy of the model (TTT) keeps calling them with its own blocks.
+        self._compiled = {
+            "block": torch.compile(GPTBlock.forward, dynamic=dynamic),
+            "lanes": torch.compile(GPTBlock.forward_lanes, dynamic=dynamic),
+            "embed": torch.compile(GPT.embed, dynamic=dynamic),
+            "head_loss": torch.compile(GPT.head_loss, dynamic=dynamic),
+        }
+
+    @contextlib.contextmanager
+    def blocks_compiled(self, enable: bool = True, dynamic: bool | None = None) -> Iterator["GPT"]:
+        """`compile_blocks` for the duration of a with-block; the previous state comes back after."""
+        previous = self._compiled
+        self.compile_blocks(enable, dynamic)
+        try:
+            yield self
+        finally:
+            self._compiled = previous
 
     # ------------------------------------------------------------------ recurrence
 
@@ -328,10 +378,12 @@ class GPT(nn.Module):
 
     def hidden(self, ids: Tensor) -> Tensor:
         """Final RMS-normed hidden states [B, T, D]: exactly what `lm_head` sees."""
-        x0 = self.embed(ids)
+        compiled = self._compiled
+        x0 = self.embed(ids) if compiled is None else compiled["embed"](self, ids)
         cos, sin = self.rotary(ids.size(1))
         order, n_enc = self._order, len(self._order) // 2
-        x, lane_b, skips = x0, None, []
+        # A distinct tensor: compiled blocks guard on argument aliasing (x is x0 would add a graph).
+        x, lane_b, skips = (x0 if compiled is None else x0.clone()), None, []
         for pos, i in enumerate(order):
             block = self.blocks[i]
             if self.cfg.unet_skips and n_enc <= pos < 2 * n_enc:
@@ -340,27 +392,37 @@ class GPT(nn.Module):
                 x = x + s
                 lane_b = None if lane_b is None else lane_b + s
             if block.two_lane:
-                x, lane_b = block.forward_lanes(x, x if lane_b is None else lane_b, x0, cos, sin)
+                lanes = block.forward_lanes if compiled is None else partial(compiled["lanes"], block)
+                x, lane_b = lanes(x, x if lane_b is None else lane_b, x0, cos, sin)
             else:
                 if lane_b is not None:  # a single-lane block after two-lane ones: merge the lanes
                     x, lane_b = 0.5 * (x + lane_b), None
-                x = block(x, x0, cos, sin)
+                x = block(x, x0, cos, sin) if compiled is None else compiled["block"](block, x, x0, cos, sin)
             if self.cfg.unet_skips and pos < n_enc:
                 skips.append(x if lane_b is None else 0.5 * (x + lane_b))
         if lane_b is not None:
             x = 0.5 * (x + lane_b)
         return F.rms_norm(x, (x.size(-1),))
 
-    def forward(self, ids: Tensor) -> Tensor:
-        """Logits [B, T, V] in float32, softcapped as cap·tanh(z/cap) when logit_softcap > 0."""
-        logits = self.lm_head(self.hidden(ids)).float()
+    def logits(self, h: Tensor) -> Tensor:
+        """Head on hidden states: float32 logits, softcapped as cap·tanh(z/cap) when logit_softcap > 0."""
+        logits = self.lm_head(h).float()
         cap = self.cfg.logit_softcap
         return cap * torch.tanh(logits / cap) if cap > 0 else logits
 
+    def forward(self, ids: Tensor) -> Tensor:
+        """Logits [B, T, V] in float32."""
+        return self.logits(self.hidden(ids))
+
+    def head_loss(self, h: Tensor, targets: Tensor) -> Tensor:
+        """Mean token cross entropy in nats (float32) of the head on hidden states `h`."""
+        logits = self.logits(h)
+        return F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1))
+
     def loss(self, ids: Tensor, targets: Tensor) -> Tensor:
         """Mean token cross entropy in nats (float32)."""
-        logits = self.forward(ids)
-        return F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1))
+        head_loss = GPT.head_loss if self._compiled is None else self._compiled["head_loss"]
+        return head_loss(self, self.hidden(ids), targets)
 
     # ------------------------------------------------------------------ accounting
 

@@ -20,12 +20,14 @@ import math
 import os
 import signal
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
 import torch
 import torch.distributed as dist
+from torch.profiler import ProfilerActivity, profile, record_function
 
 from golf.config import Config, ConfigError, GolfError
 from golf.data import TokenLoader, list_shards
@@ -127,7 +129,9 @@ def train(cfg: Config, info: DistInfo | None = None, log: Callable[[str], None] 
     use_cuda = device.type == "cuda"
     amp = (torch.autocast("cuda", dtype=torch.bfloat16) if use_cuda and t.amp_dtype == "bfloat16"
            else torch.autocast("cpu", enabled=False))
-    loss_fn = torch.compile(model.loss, dynamic=False) if t.compile else model.loss
+    if t.compile and t.compile_scope == "blocks":
+        model.compile_blocks(True)
+    loss_fn = torch.compile(model.loss, dynamic=False) if t.compile and t.compile_scope == "model" else model.loss
     ema = [p.detach().float().clone() for p in params] if t.ema_decay > 0 else None
     log(f"model: {model.num_params():,} params, attention backend {model.attn_backend_name}, "
         f"world {info.world_size}, grad_accum {accum} x {micro_seqs} seqs of {t.train_seq_len}")
@@ -139,23 +143,26 @@ def train(cfg: Config, info: DistInfo | None = None, log: Callable[[str], None] 
                 if "momentum" in group:
                     group["momentum"] = muon_momentum_at(step, t)
         total = torch.zeros((), device=device)
-        for _ in range(accum):
-            x, y = loader.next_batch(micro_seqs, device)
-            with amp:
-                loss = loss_fn(x, y)
-            (loss / accum).backward()
-            total += loss.detach()
-        all_reduce_grads(params)
-        if t.grad_clip_norm > 0:
-            torch.nn.utils.clip_grad_norm_(params, t.grad_clip_norm)
-        for opt in optimizers:
-            opt.step()
-        model.zero_grad(set_to_none=True)
+        with record_function("forward_backward"):
+            for _ in range(accum):
+                x, y = loader.next_batch(micro_seqs, device)
+                with amp:
+                    loss = loss_fn(x, y)
+                (loss / accum).backward()
+                total += loss.detach()
+        with record_function("optimizer"):
+            all_reduce_grads(params)
+            if t.grad_clip_norm > 0:
+                torch.nn.utils.clip_grad_norm_(params, t.grad_clip_norm)
+            for opt in optimizers:
+                opt.step()
+            model.zero_grad(set_to_none=True)
         if ema is not None:
             # Warmed-up decay: a constant 0.9965 would keep 0.9965^n of the random init after n
             # steps (41% after 255), which poisons the export of any short run.
             decay = min(t.ema_decay, (1.0 + step) / (10.0 + step))
-            torch._foreach_lerp_(ema, [p.detach() for p in params], 1.0 - decay)
+            with record_function("ema"):
+                torch._foreach_lerp_(ema, [p.detach() for p in params], 1.0 - decay)
         if info.world_size > 1:  # log the global batch's loss, not this rank's share (gloo has no AVG)
             dist.all_reduce(total, op=dist.ReduceOp.SUM)
         return total / (accum * info.world_size)
@@ -172,7 +179,7 @@ def train(cfg: Config, info: DistInfo | None = None, log: Callable[[str], None] 
         }
         looped = cfg.model.num_loops > 1
         for i in range(t.warmup_steps):
-            model.set_looping(looped and i >= t.warmup_steps // 2)  # compile both graphs
+            model.set_looping(looped and i >= t.warmup_steps // 2)  # both layer orders
             train_step(0.0, 0)
         if use_cuda:
             torch.cuda.synchronize()
@@ -235,7 +242,13 @@ def train(cfg: Config, info: DistInfo | None = None, log: Callable[[str], None] 
                 model.set_looping(True)
                 flops_per_token = model.flops_per_token(t.train_seq_len)
                 log(f"step:{step} depth recurrence on: layer order {model.layer_order()}")
-            loss = train_step(progress, step).item()  # .item() syncs: the step is really done
+            profiling = step + 1 == t.profile_step and info.is_main and use_cuda
+            activities = [ProfilerActivity.CPU, ProfilerActivity.CUDA]
+            with profile(activities=activities) if profiling else nullcontext() as prof:
+                loss = train_step(progress, step).item()  # .item() syncs: the step is really done
+            if profiling:
+                log(f"profile of step {step + 1}:\n" + prof.key_averages().table(
+                    sort_by="self_cuda_time_total", row_limit=30, max_name_column_width=70))
             step += 1
             last_step_s = time.perf_counter() - t0 - elapsed
             if not math.isfinite(loss):
@@ -267,6 +280,7 @@ def train(cfg: Config, info: DistInfo | None = None, log: Callable[[str], None] 
         f"startup to first timed step {startup_s:.1f}s")
 
     # ------------------------------------------------------------------ export weights
+    model.compile_blocks(False)  # what follows (GPTQ, LoRA) hooks modules
     if ema is not None:
         with torch.no_grad():
             for p, e in zip(params, ema):

@@ -199,7 +199,7 @@ def test_ttt_adapts_and_reduces_to_plain_scoring_at_zero_lr(tiny_eval, tmp_path)
     assert sgd.mode == "sliding+sgd" and "ttt_train_s" in sgd.times and sgd.nll_sum != pytest.approx(base.nll_sum)
     lora, batched = nll(SLIDING, LORA, "lora16.npy")
     _, single = nll(dataclasses.replace(SLIDING, eval_batch_seqs=1), LORA, "lora1.npy")
-    assert lora.mode == "lora" and "lora_train_s" in lora.times
+    assert lora.mode == "lora" and "lora_s" in lora.times
     np.testing.assert_allclose(batched, single, atol=1e-4)
 
 

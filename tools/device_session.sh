@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Benchmarks on a lent GPU machine, as recorded in docs/benchmarks.md.
-#   bash tools/device_session.sh STAGE...   (stages: setup data8192 data1024 kernels record baseline
-#                                            evals parity submit2 evalparity)
+#   bash tools/device_session.sh STAGE...   (stages: setup data8192 data1024 kernels speed evalsmoke profile
+#                                            record baseline evals parity submit2 evalparity)
 # Expects (made by tools/prepare_carry.sh), carried with the working tree: .whl/ (brotli, zstandard wheels)
 # and .carry/ (proxy/*.jsonl.{gz,xz}, tok/*.model, val1024/ and val8192/ FineWeb eval shards).
 # Every log goes to $OUT (or ./device_out); each stage has its own time limit.
@@ -41,6 +41,23 @@ stage_kernels() {
   timeout 120 python3 -m pytest -q -p no:cacheprovider tests/test_model.py -k "flash or backend" 2>&1 | tail -3
 }
 
+# Trainer variants side by side: `golf train --preset record`, SPEED_WALL seconds each, recurrence on
+# halfway. SPEED_VARIANTS holds name:compile_scope:attn_backend triples.
+stage_speed() {
+  timeout 120 python3 tools/bench_attention.py 2>&1 | tee "$OUT/attention.log"
+  local logs=()
+  for v in ${SPEED_VARIANTS:-blocks_sdpa:blocks:sdpa blocks_cudnn:blocks:cudnn model_cudnn:model:cudnn}; do
+    IFS=: read -r name scope attn <<< "$v"
+    timeout 300 python3 -m golf train --preset record --set data_path=$DATA/sp8192 --set tokenizer_path=$TOK8 \
+      --set max_wallclock_seconds=${SPEED_WALL:-60} --set gptq_reserve_seconds=0 --set loop_enable_frac=0.5 \
+      --set train_log_every=5 --set compile_scope=$scope --set attn_backend=$attn --set out_dir=/tmp/speed_$name \
+      > "$OUT/speed_$name.log" 2>&1
+    tail -2 "$OUT/speed_$name.log"
+    logs+=("$OUT/speed_$name.log")
+  done
+  python3 tools/train_rates.py "${logs[@]}" | tee "$OUT/speed.txt"
+}
+
 run_preset() {  # run_preset PRESET VOCAB TOKENIZER EXTRA_SET...
   local preset=$1 vocab=$2 tok=$3; shift 3
   local sets=(--set data_path=$DATA/sp$vocab --set tokenizer_path=$tok --set max_wallclock_seconds=$WALL
@@ -49,6 +66,20 @@ run_preset() {  # run_preset PRESET VOCAB TOKENIZER EXTRA_SET...
   mkdir -p "$OUT/$preset"
   timeout 560 python3 -m golf run --preset "$preset" "${sets[@]}" --out "$OUT/$preset" 2>&1 \
     | grep -v "^config \|^versions " | tee "$OUT/$preset.log" | grep -v "ttt_sgd chunk"
+}
+# Compiled evaluation smoke test on the carried artifact; if it fails, the runs evaluate eagerly.
+stage_evalsmoke() {
+  mkdir -p $DATA/sp8192 && cp -n .carry/val8192/fineweb_val_000000.bin $DATA/sp8192/
+  if ! timeout 120 python3 -m golf eval .carry/record/final_model.golf --sliding --ttt none --json \
+      --data $DATA/sp8192 --tokenizer $TOK8 2>"$OUT/evalsmoke.err" | tee "$OUT/evalsmoke.json"; then
+    tail -5 "$OUT/evalsmoke.err"; EXTRA_SETS="${EXTRA_SETS:-} eval_compile=0"; echo "eval_compile=0 from here on"
+  fi
+}
+stage_profile() {  # one unlooped record step under the profiler: the top CUDA kernels
+  timeout 200 python3 -m golf train --preset record --set data_path=$DATA/sp8192 --set tokenizer_path=$TOK8 \
+    --set max_wallclock_seconds=20 --set gptq_reserve_seconds=0 --set loop_enable_frac=1.0 --set profile_step=4 \
+    --set out_dir=/tmp/profile 2>&1 | sed -n '/^profile of step/,/^step:5/p' > "$OUT/profile.txt"
+  head -45 "$OUT/profile.txt"
 }
 stage_record() { run_preset record 8192 $TOK8; }
 stage_baseline() { run_preset baseline 1024 $TOK1; }
