@@ -236,20 +236,30 @@ class GPTBlock(nn.Module):
         n = F.rms_norm(x, (self.dim,))
         return n if self.ln_factor is None else n * self.ln_factor.to(n.dtype)
 
-    def forward(self, x: Tensor, x0: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-        x = self._mix(x, x0)
+    @staticmethod
+    def _skip(x: Tensor, skip: tuple[Tensor, Tensor, Tensor] | None) -> Tensor:
+        """U-Net skip x + σ(gate)·weight·encoder_output, inside the block so a compiled block fuses it."""
+        if skip is None:
+            return x
+        encoder_out, gate, weight = skip
+        return x + torch.sigmoid(gate) * weight * encoder_out
+
+    def forward(self, x: Tensor, x0: Tensor, cos: Tensor, sin: Tensor,
+                skip: tuple[Tensor, Tensor, Tensor] | None = None) -> Tensor:
+        x = self._mix(self._skip(x, skip), x0)
         if self.parallel:  # GPT-J: attention and MLP read the same normed input
             n = self._norm(x)
             return x + self.attn_scale * self.attn(n, cos, sin) + self.mlp_scale * self.mlp(n)
         x = x + self.attn_scale * self.attn(self._norm(x), cos, sin)
         return x + self.mlp_scale * self.mlp(self._norm(x))
 
-    def forward_lanes(self, a: Tensor, b: Tensor, x0: Tensor, cos: Tensor,
-                      sin: Tensor) -> tuple[Tensor, Tensor]:
+    def forward_lanes(self, a: Tensor, b: Tensor, x0: Tensor, cos: Tensor, sin: Tensor,
+                      skip: tuple[Tensor, Tensor, Tensor] | None = None) -> tuple[Tensor, Tensor]:
         """Two-lane parallel block (modded-nanogpt #230, parameter-golf #1518/#1529):
         A = attn_scale·attn(n(a)), M = mlp_scale·mlp(n(b)),
-        a' = a + r00·A + r01·M,  b' = b + r10·A + r11·M, with r = lane_route (init all ones)."""
-        a, b = self._mix(a, x0), self._mix(b, x0)
+        a' = a + r00·A + r01·M,  b' = b + r10·A + r11·M, with r = lane_route (init all ones).
+        A U-Net skip reaches both lanes."""
+        a, b = self._mix(self._skip(a, skip), x0), self._mix(self._skip(b, skip), x0)
         out_attn = self.attn_scale * self.attn(self._norm(a), cos, sin)
         out_mlp = self.mlp_scale * self.mlp(self._norm(b))
         r = self.lane_route
@@ -324,8 +334,9 @@ class GPT(nn.Module):
         """Compile each block, and the head with its loss, as separate regions (or go back to eager).
 
         Identical blocks share a graph (their weights are graph inputs), so the record model
-        compiles four small graphs (embedding, sequential block, parallel block, head) instead of one
-        unrolled graph per layer order, and switching depth recurrence on costs no compile.
+        compiles a few small graphs (embedding; sequential and parallel blocks, each with and
+        without a U-Net skip; head) instead of one unrolled graph per layer order, and switching
+        depth recurrence on costs no compile.
         Compiled regions bypass module hooks: switch it off before hooking modules (GPTQ, LoRA)."""
         if not enable:
             self._compiled = None
@@ -385,19 +396,18 @@ class GPT(nn.Module):
         # A distinct tensor: compiled blocks guard on argument aliasing (x is x0 would add a graph).
         x, lane_b, skips = (x0 if compiled is None else x0.clone()), None, []
         for pos, i in enumerate(order):
-            block = self.blocks[i]
+            block, skip = self.blocks[i], None
             if self.cfg.unet_skips and n_enc <= pos < 2 * n_enc:
                 j = pos - n_enc
-                s = torch.sigmoid(self.skip_gates[j]) * self.skip_weights[j] * skips.pop()
-                x = x + s
-                lane_b = None if lane_b is None else lane_b + s
+                skip = (skips.pop(), self.skip_gates[j], self.skip_weights[j])
             if block.two_lane:
                 lanes = block.forward_lanes if compiled is None else partial(compiled["lanes"], block)
-                x, lane_b = lanes(x, x if lane_b is None else lane_b, x0, cos, sin)
+                x, lane_b = lanes(x, x if lane_b is None else lane_b, x0, cos, sin, skip)
             else:
                 if lane_b is not None:  # a single-lane block after two-lane ones: merge the lanes
                     x, lane_b = 0.5 * (x + lane_b), None
-                x = block(x, x0, cos, sin) if compiled is None else compiled["block"](block, x, x0, cos, sin)
+                run = block if compiled is None else partial(compiled["block"], block)
+                x = run(x, x0, cos, sin, skip)
             if self.cfg.unet_skips and pos < n_enc:
                 skips.append(x if lane_b is None else 0.5 * (x + lane_b))
         if lane_b is not None:

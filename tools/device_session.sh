@@ -19,7 +19,7 @@ stage_setup() {
   export PYTHONPATH=/tmp/site:$PWD
   # golf.kernels lives in the top-level kernels/ folder; map it without an install.
   [ -e golf/kernels ] || ln -s ../kernels golf/kernels
-  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
   python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
   python3 -c "import flash_attn_interface" 2>/dev/null && echo "fa3: yes" || echo "fa3: no"
   python3 -c "import flash_attn" 2>/dev/null && echo "fa2: yes" || echo "fa2: no"
@@ -84,16 +84,18 @@ stage_profile() {  # one unlooped record step under the profiler: the top CUDA k
 stage_record() { run_preset record 8192 $TOK8; }
 stage_baseline() { run_preset baseline 1024 $TOK1; }
 
-stage_evals() {  # evaluations of the carried record artifact: sliding, SGD-TTT, size, codecs, LoRA-TTT
+stage_evals() {  # evaluations of the carried record artifact: sliding, SGD-TTT, size, codecs, LoRA-TTT (+phases)
   local art=.carry/record/final_model.golf
-  mkdir -p $DATA/sp8192 && cp .carry/val8192/fineweb_val_000000.bin $DATA/sp8192/
-  timeout 90 python3 -m golf eval "$art" --sliding --ttt none --json 2>"$OUT/eval_sliding.err" \
-    | tee "$OUT/eval_sliding.json"
-  timeout 120 python3 -m golf eval "$art" --sliding --ttt sgd --json 2>"$OUT/eval_sgd.err" | tee "$OUT/eval_sgd.json"
+  mkdir -p $DATA/sp8192 && cp -n .carry/val8192/fineweb_val_000000.bin $DATA/sp8192/
+  local ev=(python3 -m golf eval "$art" --data $DATA/sp8192 --tokenizer $TOK8 --json)
+  timeout 120 "${ev[@]}" --sliding --ttt none 2> >(tail -n 3 >&2) | tee "$OUT/eval_sliding.json"
+  timeout 150 "${ev[@]}" --sliding --ttt sgd 2> >(tail -n 3 >&2) | tee "$OUT/eval_sgd.json"
   python3 -m golf size-check "$art" | tee "$OUT/size_check.txt"
-  python3 -m golf budget --preset record | tee "$OUT/budget.txt"
   timeout 60 python3 tools/bench_codecs.py "$art" | tee "$OUT/codecs.txt"
-  timeout 90 python3 -m golf eval "$art" --ttt lora --json 2>"$OUT/eval_lora.err" | tee "$OUT/eval_lora.json"
+  timeout 170 "${ev[@]}" --ttt lora 2> >(tail -n 3 >&2) | tee "$OUT/eval_lora.json"
+  # Phases scaled to the 200 documents: pauses after 33, 67 and 100 of them (the records: 2,500 of 50,000).
+  timeout 170 "${ev[@]}" --ttt lora --set lora_phases=3 --set lora_phase_docs=100 2> >(tail -n 3 >&2) \
+    | tee "$OUT/eval_lora_phased.json"
 }
 
 # Two-GPU checks. PARITY makes the runs comparable: iteration-based progress (no wallclock), 50 steps,
