@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Benchmarks on a lent GPU machine, as recorded in docs/benchmarks.md.
 #   bash tools/device_session.sh STAGE...   (stages: setup data8192 data1024 kernels speed evalsmoke profile
-#                                            record baseline evals parity submit2 evalparity)
+#                                            record quantstudy baseline evals parity submit2 evalparity)
 # Expects (made by tools/prepare_carry.sh), carried with the working tree: .whl/ (brotli, zstandard wheels)
 # and .carry/ (proxy/*.jsonl.{gz,xz}, tok/*.model, val1024/ and val8192/ FineWeb eval shards).
 # Every log goes to $OUT (or ./device_out); each stage has its own time limit.
@@ -82,6 +82,11 @@ stage_profile() {  # one unlooped record step under the profiler: the top CUDA k
   head -45 "$OUT/profile.txt"
 }
 stage_record() { run_preset record 8192 $TOK8; }
+stage_quantstudy() {  # one record model (QS_WALL s), quantized several ways: bytes and BPB gap side by side
+  timeout 400 python3 -m golf train --preset record --set data_path=$DATA/sp8192 --set tokenizer_path=$TOK8 \
+    --set max_wallclock_seconds=${QS_WALL:-240} --set out_dir=/tmp/qs_run 2>&1 | grep -E "^step:|stopped|model:" | tail -4
+  timeout 330 python3 tools/quant_study.py /tmp/qs_run 2>&1 | grep -v Warning | tee "$OUT/quant_study.txt"
+}
 stage_baseline() { run_preset baseline 1024 $TOK1; }
 
 stage_evals() {  # evaluations of the carried record artifact: sliding, SGD-TTT, size, codecs, LoRA-TTT (+phases)

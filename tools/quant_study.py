@@ -1,0 +1,96 @@
+"""Quantization variants of one trained checkpoint, side by side: bytes and BPB gap.
+
+    python tools/quant_study.py RUN_DIR [--variant NAME=key:value,key:value[,fit]]... [--set key=value]...
+
+RUN_DIR holds `golf train`'s export (final_model.pt, config.json). The Hessians are collected once
+(training shards, as in a run); each variant then quantizes, packs and scores the dequantized
+model on the validation stream (plain windows), next to the unquantized model's score. A variant
+with `fit` walks the fitter's ladder to the byte budget first, as `golf run` does.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from golf.config import load_config
+from golf.data import byte_table, file_sha256, list_shards, load_tokenizer, load_val_tokens
+from golf.eval import evaluate
+from golf.model import GPT
+from golf.pack import pack_bytes
+from golf.quant import calibration_batches, collect_hessians, dequantize_state, fit_to_budget, quantize_state
+
+DEFAULT_VARIANTS = ["preset=", "preset_fit=fit", "embed7_fit=embed_bits:7,fit",
+                    "embed7_lqer_fit=embed_bits:7,lqer_rank:4,fit"]
+
+
+def parse_variant(spec: str) -> tuple[str, dict[str, str], bool]:
+    name, _, body = spec.partition("=")
+    items = [i for i in body.split(",") if i]
+    fit = "fit" in items
+    overrides = dict(i.split(":", 1) for i in items if i != "fit")
+    return name, overrides, fit
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("run_dir")
+    ap.add_argument("--variant", action="append", default=None, help="NAME=key:value,...[,fit]")
+    ap.add_argument("--set", action="append", default=[], help="config override for every variant")
+    args = ap.parse_args()
+    run = Path(args.run_dir)
+    cfg = load_config(config_file=str(run / "config.json"), overrides=args.set)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    state = torch.load(run / "final_model.pt", map_location="cpu", weights_only=True)
+    model = GPT(cfg.model)
+    model.load_state_dict(state)
+    model.to(device).eval()
+    table = byte_table(load_tokenizer(cfg.data.tokenizer_path, cfg.model.vocab_size)).to(device)
+    val = load_val_tokens(list_shards(cfg.data.data_path, cfg.data.val_files), cfg.data.val_max_tokens)
+    plain = dataclasses.replace(cfg.eval, eval_stride=0)
+    no_ttt = dataclasses.replace(cfg.ttt, ttt_mode="none")
+    quiet = lambda _msg: None  # noqa: E731
+
+    def score(m: GPT) -> float:
+        return evaluate(m, val, table, plain, no_ttt, log=quiet).val_bpb
+
+    base = score(model)
+    amp = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
+    t0 = time.perf_counter()
+    with amp:
+        hessians = collect_hessians(model, calibration_batches(cfg, device))
+    print(f"unquantized val_bpb {base:.6f}; {len(hessians)} Hessians in {time.perf_counter() - t0:.1f}s", flush=True)
+    meta = {"sha256": file_sha256(cfg.data.tokenizer_path), "vocab_size": cfg.model.vocab_size}
+    rows = []
+    for spec in args.variant or DEFAULT_VARIANTS:
+        name, overrides, fit = parse_variant(spec)
+        vcfg = load_config(config_file=str(run / "config.json"), overrides=args.set + [f"{k}={v}" for k, v in
+                                                                                      overrides.items()])
+        t0 = time.perf_counter()
+        if fit:
+            qs, blob, changes = fit_to_budget(state, hessians, vcfg.quant, vcfg.model, meta, 0)
+        else:
+            qs = quantize_state(state, vcfg.quant, hessians)
+            blob, changes = pack_bytes(qs, vcfg.model, meta, vcfg.quant), []
+        seconds = time.perf_counter() - t0
+        qmodel = GPT(vcfg.model)
+        qmodel.load_state_dict(dequantize_state(qs), strict=False)
+        bpb = score(qmodel.to(device).eval())
+        rows.append((name, len(blob), bpb, bpb - base, seconds, "; ".join(changes) or "-"))
+        print(f"{name}: {len(blob):,} bytes, val_bpb {bpb:.6f} (gap {bpb - base:+.6f}), {seconds:.1f}s, "
+              f"{'; '.join(changes) or 'no fitter change'}", flush=True)
+    cap = cfg.quant.size_cap_bytes
+    print(f"\n{'variant':<18}{'bytes':>12}{'fits cap':>10}{'val_bpb':>11}{'gap':>10}{'quant+pack s':>14}  fitter")
+    for name, size, bpb, gap, seconds, changes in rows:
+        print(f"{name:<18}{size:>12,}{'yes' if size <= cap else 'no':>10}{bpb:>11.6f}{gap:>+10.6f}{seconds:>14.1f}  "
+              f"{changes}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
