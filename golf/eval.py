@@ -359,39 +359,70 @@ def _eval_ttt_sgd(run: _EvalRun) -> None:
 
 
 class _EvalLoraBank:
-    """Per-document LoRA on the target linears: out += (x @ A[d]) @ B[d], batched with bmm.
+    """Per-document LoRA on the target linears, in `slots` slots: out += (x @ A[s]) @ B[s] (bmm).
 
-    A starts as one fixed seeded draw, U(±1/sqrt(fan_in)) as nn.Linear's init, the same for every
-    document and rank; B starts at zero, so a fresh adapter is exactly the base model. No alpha/r
-    scale: Adam's first steps move B by ~lr whatever the scale. `use(rows)` hands each target
-    `CastedLinear` the adapters of the documents in the rows of the next forward (no hooks, so
+    A slot holds one document's adapters at a time. A starts as one fixed seeded draw,
+    U(±1/sqrt(fan_in)) as nn.Linear's init, the same for every document and rank; B starts at
+    zero, so a fresh adapter is exactly the base model. No alpha/r scale: Adam's first steps move
+    B by ~lr whatever the scale. Adam (torch's defaults) keeps its moments and step count per
+    slot, so each document's adapters follow exactly the path they would alone. `use(slots)`
+    hands each target `CastedLinear` the adapters of the next forward's rows (no hooks, so
     compiled blocks trace it)."""
 
-    def __init__(self, model: nn.Module, rank: int, device: torch.device):
-        self.targets = [(name, m) for name, m in model.named_modules()
+    BETAS, EPS = (0.9, 0.999), 1e-8
+
+    def __init__(self, model: nn.Module, rank: int, slots: int, lr: float, device: torch.device):
+        self.targets = [m for name, m in model.named_modules()
                         if EVAL_LORA_TARGETS.fullmatch(name) and isinstance(m, CastedLinear)]
         if not self.targets:
             raise EvalError("LoRA TTT found no q/k/v/o, MLP or lm_head linear in the model")
         gen = torch.Generator().manual_seed(EVAL_LORA_SEED)
         self.init_a = []
-        for _, m in self.targets:
+        for m in self.targets:
             fan_in = m.weight.size(1)
             bound = 1.0 / math.sqrt(fan_in)
             self.init_a.append(((torch.rand(fan_in, rank, generator=gen) * 2 - 1) * bound).to(device))
-        self.rank, self.device = rank, device
-        self.a: list[torch.Tensor] = []
-        self.b: list[torch.Tensor] = []
+        self.a = [a0.expand(slots, -1, -1).clone().requires_grad_(True) for a0 in self.init_a]
+        self.b = [torch.zeros(slots, rank, m.weight.size(0), device=device, requires_grad=True)
+                  for m in self.targets]
+        self.params = self.a + self.b
+        self.m = [torch.zeros_like(p) for p in self.params]
+        self.v = [torch.zeros_like(p) for p in self.params]
+        self.steps = torch.zeros(slots, device=device)
+        self.lr, self.slots = lr, slots
 
-    def reset(self, n_docs: int, lr: float) -> torch.optim.Optimizer:
-        self.a = [a0.expand(n_docs, -1, -1).clone().requires_grad_(True) for a0 in self.init_a]
-        self.b = [torch.zeros(n_docs, self.rank, m.weight.size(0), device=self.device, requires_grad=True)
-                  for _, m in self.targets]
-        return torch.optim.Adam(self.a + self.b, lr=lr)
+    @torch.no_grad()
+    def reset(self, slot: int) -> None:
+        """A fresh document in `slot`: initial adapters, no Adam history."""
+        for a, a0 in zip(self.a, self.init_a):
+            a[slot] = a0
+        for t in self.b + self.m + self.v:
+            t[slot] = 0
+        self.steps[slot] = 0
 
-    def use(self, rows: torch.Tensor | None) -> None:
-        """Batch row i of the next forward belongs to document rows[i]; None removes the adapters."""
-        for (_, m), a, b in zip(self.targets, self.a, self.b):
-            m.lora = None if rows is None else (a[rows], b[rows])
+    def use(self, slots: torch.Tensor | None) -> None:
+        """Batch row i of the next forward belongs to slot slots[i]; None removes the adapters."""
+        full = slots is not None and slots.numel() == self.slots and bool((slots == torch.arange(
+            self.slots, device=slots.device)).all())
+        for m, a, b in zip(self.targets, self.a, self.b):
+            m.lora = None if slots is None else (a, b) if full else (a[slots], b[slots])
+
+    @torch.no_grad()
+    def step(self, stepping: torch.Tensor) -> None:
+        """One Adam step for the slots where `stepping` (bool [slots]) is set; the others keep
+        their adapters and moments untouched."""
+        (b1, b2), mask = self.BETAS, stepping.float()
+        self.steps += mask
+        t = self.steps.clamp(min=1)
+        for p, m, v in zip(self.params, self.m, self.v):
+            g = p.grad if p.grad is not None else torch.zeros_like(p)
+            keep = mask.view(-1, *[1] * (p.dim() - 1))
+            m.lerp_(g, (1 - b1) * keep)
+            v.mul_(1 - (1 - b2) * keep).addcmul_(g, g, value=1 - b2)
+            bias1 = (1 - b1 ** t).view_as(keep)
+            bias2 = (1 - b2 ** t).view_as(keep)
+            p.sub_(self.lr * keep * (m / bias1) / ((v / bias2).sqrt() + self.EPS))
+            p.grad = None
 
 
 def _eval_doc_spans(tokens_cpu: torch.Tensor, n_targets: int) -> torch.Tensor:
@@ -404,33 +435,48 @@ def _eval_doc_spans(tokens_cpu: torch.Tensor, n_targets: int) -> torch.Tensor:
 
 
 def _eval_lora_docs(run: _EvalRun, bank: _EvalLoraBank, docs: torch.Tensor) -> None:
-    """Score a batch of documents chunk by chunk, each with its own adapter. One forward per
-    chunk k does both jobs: its NLL is recorded as the score of chunk k (made with adapters
-    trained on chunks < k only), then every document that has a chunk k+1 takes one Adam step on
-    the mean NLL of chunk k. The loss is a sum over documents, so each adapter gets exactly its
-    own document's gradient."""
+    """Score documents chunk by chunk, each with its own adapter, `bank.slots` documents at a
+    time: a slot whose document ends takes the next one, so the batch stays full. One forward
+    per step does both jobs for every slot's current chunk k: its NLL is recorded as the score of
+    chunk k (made with adapters trained on chunks < k only), then every document that has a
+    chunk k+1 takes one Adam step on the mean NLL of chunk k. The loss is a sum over documents,
+    so each adapter gets exactly its own document's gradient."""
     t = run.tcfg
     plans = [_eval_doc_plan(int(d0), int(d1), t.lora_chunk_tokens, run.ecfg.eval_seq_len) for d0, d1 in docs]
-    n_chunks = torch.tensor([p.size(0) for p in plans])
-    opt = bank.reset(len(plans), t.lora_lr)
+    queue = iter(range(len(plans)))
+    doc_of: list[int | None] = [None] * bank.slots
+    chunk_of = [0] * bank.slots
+
+    def refill(slot: int) -> None:
+        doc_of[slot], chunk_of[slot] = next(queue, None), 0
+        if doc_of[slot] is not None:
+            bank.reset(slot)
+
+    for slot in range(bank.slots):
+        refill(slot)
     try:
-        for k in range(int(n_chunks.max())):
-            active = torch.nonzero(n_chunks > k).flatten()
-            rows = torch.stack([plans[i][k] for i in active.tolist()])
-            bank.use(active.to(run.tokens.device))
-            trains = n_chunks[active] > k + 1
-            if not bool(trains.any()):  # every document ends here: nothing to learn from this chunk
+        while any(d is not None for d in doc_of):
+            active = [s for s in range(bank.slots) if doc_of[s] is not None]
+            rows = torch.stack([plans[doc_of[s]][chunk_of[s]] for s in active])
+            trains = torch.tensor([chunk_of[s] + 1 < plans[doc_of[s]].size(0) for s in active])
+            bank.use(torch.tensor(active, device=run.tokens.device))
+            if not bool(trains.any()):  # every document here ends with this chunk: score only
                 with torch.no_grad(), run.clock("score_s"):
                     run.sink.add(rows, _eval_window_nll(run.model, run.tokens, rows, run.amp()))
-                continue
-            with run.clock("lora_s"):
-                nll = _eval_window_nll(run.model, run.tokens, rows, run.amp())
-                run.sink.add(rows, nll.detach())  # the score is fixed before the update below
-                counts = rows[:, 1] - rows[:, 2]
-                weight = torch.repeat_interleave(trains.float() / counts.float(), counts).to(nll.device)
-                (nll * weight).sum().backward()
-                opt.step()
-                opt.zero_grad(set_to_none=True)
+            else:
+                with run.clock("lora_s"):
+                    nll = _eval_window_nll(run.model, run.tokens, rows, run.amp())
+                    run.sink.add(rows, nll.detach())  # the score is fixed before the update below
+                    counts = rows[:, 1] - rows[:, 2]
+                    weight = torch.repeat_interleave(trains.float() / counts.float(), counts).to(nll.device)
+                    (nll * weight).sum().backward()
+                    stepping = torch.zeros(bank.slots, dtype=torch.bool)
+                    stepping[torch.tensor(active)[trains]] = True
+                    bank.step(stepping.to(run.tokens.device))
+            for s in active:
+                chunk_of[s] += 1
+                if chunk_of[s] == plans[doc_of[s]].size(0):
+                    refill(s)
     finally:
         bank.use(None)
 
@@ -442,7 +488,7 @@ def _eval_ttt_lora(run: _EvalRun, tokens_cpu: torch.Tensor) -> None:
     params = list(run.model.parameters())
     for p in params:
         p.requires_grad_(False)  # LoRA steps need no base-weight grads
-    bank = _EvalLoraBank(run.model, t.lora_rank, run.tokens.device)
+    bank = _EvalLoraBank(run.model, t.lora_rank, run.ecfg.eval_batch_seqs, t.lora_lr, run.tokens.device)
     # Pauses at fixed document counts (never depending on how many documents follow).
     pauses = sorted({round(k * t.lora_phase_docs / t.lora_phases) for k in range(1, t.lora_phases + 1)}
                     if t.lora_phases > 0 else set())
@@ -458,8 +504,7 @@ def _eval_ttt_lora(run: _EvalRun, tokens_cpu: torch.Tensor) -> None:
                       for r in (run.rank, run.rank + 1))
             mine = group[lo:hi]
             mine = mine[torch.argsort(mine[:, 0] - mine[:, 1], stable=True)]
-            for i in range(0, mine.size(0), run.ecfg.eval_batch_seqs):
-                _eval_lora_docs(run, bank, mine[i:i + run.ecfg.eval_batch_seqs])
+            _eval_lora_docs(run, bank, mine)
             if g < len(bounds) - 2:
                 scored_end = int(group[-1, 1])
                 _eval_phase_sgd(run, params, opt, scored_end)

@@ -30,7 +30,7 @@ PLAIN = dataclasses.replace(SLIDING, eval_stride=0)
 NO_TTT = TTTConfig(ttt_mode="none")
 SGD = TTTConfig(ttt_mode="sgd", ttt_chunk_tokens=700, ttt_epochs=2, ttt_lr=0.05)
 LORA = TTTConfig(ttt_mode="lora", lora_rank=4, lora_chunk_tokens=32, lora_lr=0.01)
-LORA_PHASED = dataclasses.replace(LORA, lora_phases=2, lora_phase_docs=6, ttt_chunk_tokens=700, ttt_lr=0.05)
+LORA_PHASED = dataclasses.replace(LORA, lora_phases=2, lora_phase_docs=6, ttt_chunk_tokens=700, ttt_lr=0.01)
 VARIANTS = {"plain": (PLAIN, NO_TTT), "sliding": (SLIDING, NO_TTT), "sgd": (SLIDING, SGD),
             "lora": (SLIDING, LORA), "lora_phased": (SLIDING, LORA_PHASED)}
 
@@ -256,12 +256,12 @@ def test_two_gloo_ranks_match_one_process(tiny_eval, tmp_path):
         ecfg, tcfg = VARIANTS[name]
         single = evaluate(tiny_eval.model, tiny_eval.stream, t, ecfg, tcfg,
                           dump_nll=tmp_path / f"{name}.npy", **QUIET)
-        for nll_sum, tokens, n_bytes in (s[name] for s in per_rank):  # every rank returns the totals
-            assert (tokens, n_bytes) == (single.tokens, single.bytes)
-            assert nll_sum == pytest.approx(single.nll_sum, rel=1e-6)
         # Float rounding of the cross-rank grad sum differs from one process; after the global SGD
         # the LoRA's Adam steps amplify it within long documents, so phased LoRA gets more room.
-        atol = 5e-3 if tcfg.lora_phases else 1e-4
+        rel, atol = (1e-4, 5e-3) if tcfg.lora_phases else (1e-6, 1e-4)
+        for nll_sum, tokens, n_bytes in (s[name] for s in per_rank):  # every rank returns the totals
+            assert (tokens, n_bytes) == (single.tokens, single.bytes)
+            assert nll_sum == pytest.approx(single.nll_sum, rel=rel)
         np.testing.assert_allclose(np.load(out / f"{name}.npy"), np.load(tmp_path / f"{name}.npy"), atol=atol)
 
 

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Benchmarks on a lent GPU machine, as recorded in docs/benchmarks.md.
 #   bash tools/device_session.sh STAGE...   (stages: setup data8192 data1024 kernels speed evalsmoke profile
-#                                            record quantstudy baseline evals parity submit2 evalparity)
+#                                            record quantstudy baseline evals lora lorap parity submit2
+#                                            evalparity)
 # Expects (made by tools/prepare_carry.sh), carried with the working tree: .whl/ (brotli, zstandard wheels)
 # and .carry/ (proxy/*.jsonl.{gz,xz}, tok/*.model, val1024/ and val8192/ FineWeb eval shards).
 # Every log goes to $OUT (or ./device_out); each stage has its own time limit.
@@ -89,18 +90,23 @@ stage_quantstudy() {  # one record model (QS_WALL s), quantized several ways: by
 }
 stage_baseline() { run_preset baseline 1024 $TOK1; }
 
-stage_evals() {  # evaluations of the carried record artifact: sliding, SGD-TTT, size, codecs, LoRA-TTT (+phases)
-  local art=.carry/record/final_model.golf
+ART=.carry/record/final_model.golf
+EVAL=(python3 -m golf eval "$ART" --data $DATA/sp8192 --tokenizer $TOK8 --json)
+stage_evals() {  # evaluations of the carried record artifact: sliding, SGD-TTT, size, codecs
   mkdir -p $DATA/sp8192 && cp -n .carry/val8192/fineweb_val_000000.bin $DATA/sp8192/
-  local ev=(python3 -m golf eval "$art" --data $DATA/sp8192 --tokenizer $TOK8 --json)
-  timeout 120 "${ev[@]}" --sliding --ttt none 2> >(tail -n 3 >&2) | tee "$OUT/eval_sliding.json"
-  timeout 150 "${ev[@]}" --sliding --ttt sgd 2> >(tail -n 3 >&2) | tee "$OUT/eval_sgd.json"
-  python3 -m golf size-check "$art" | tee "$OUT/size_check.txt"
-  timeout 60 python3 tools/bench_codecs.py "$art" | tee "$OUT/codecs.txt"
-  timeout 170 "${ev[@]}" --ttt lora 2> >(tail -n 3 >&2) | tee "$OUT/eval_lora.json"
-  # Phases scaled to the 200 documents: pauses after 33, 67 and 100 of them (the records: 2,500 of 50,000).
-  timeout 170 "${ev[@]}" --ttt lora --set lora_phases=3 --set lora_phase_docs=100 2> >(tail -n 3 >&2) \
-    | tee "$OUT/eval_lora_phased.json"
+  timeout 120 "${EVAL[@]}" --sliding --ttt none 2> >(tail -n 3 >&2) | tee "$OUT/eval_sliding.json"
+  timeout 150 "${EVAL[@]}" --sliding --ttt sgd 2> >(tail -n 3 >&2) | tee "$OUT/eval_sgd.json"
+  python3 -m golf size-check "$ART" | tee "$OUT/size_check.txt"
+  timeout 60 python3 tools/bench_codecs.py "$ART" | tee "$OUT/codecs.txt"
+}
+stage_lora() {  # per-document LoRA TTT on the carried record artifact
+  mkdir -p $DATA/sp8192 && cp -n .carry/val8192/fineweb_val_000000.bin $DATA/sp8192/
+  timeout ${LORA_LIMIT:-170} "${EVAL[@]}" --ttt lora 2> >(tail -n 3 >&2) | tee "$OUT/eval_lora.json"
+}
+stage_lorap() {  # the same with phased global SGD, scaled to the 200 documents: pauses after 33, 67, 100
+  mkdir -p $DATA/sp8192 && cp -n .carry/val8192/fineweb_val_000000.bin $DATA/sp8192/
+  timeout ${LORA_LIMIT:-170} "${EVAL[@]}" --ttt lora --set lora_phases=3 --set lora_phase_docs=100 \
+    2> >(tail -n 3 >&2) | tee "$OUT/eval_lora_phased.json"
 }
 
 # Two-GPU checks. PARITY makes the runs comparable: iteration-based progress (no wallclock), 50 steps,
