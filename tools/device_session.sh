@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Benchmarks on a lent GPU machine, as recorded in docs/benchmarks.md.
 #   bash tools/device_session.sh STAGE...   (stages: setup data8192 data1024 kernels speed evalsmoke profile
-#                                            record quantstudy baseline evals lora lorap parity submit2
+#                                            record quantstudy baseline evals lora lorap lorasweep parity
+#                                            submit2
 #                                            evalparity)
 # Expects (made by tools/prepare_carry.sh), carried with the working tree: .whl/ (brotli, zstandard wheels)
 # and .carry/ (proxy/*.jsonl.{gz,xz}, tok/*.model, val1024/ and val8192/ FineWeb eval shards).
@@ -103,6 +104,11 @@ stage_lora() {  # per-document LoRA TTT on the carried record artifact
   mkdir -p $DATA/sp8192 && cp -n .carry/val8192/fineweb_val_000000.bin $DATA/sp8192/
   timeout ${LORA_LIMIT:-170} "${EVAL[@]}" --ttt lora 2> >(tail -n 3 >&2) | tee "$OUT/eval_lora.json"
 }
+stage_lorasweep() {  # LoRA learning rates and compile overhead on the first SWEEP_TOKENS tokens, warm
+  mkdir -p $DATA/sp8192 && cp -n .carry/val8192/fineweb_val_000000.bin $DATA/sp8192/
+  timeout 400 python3 tools/lora_sweep.py "$ART" --data $DATA/sp8192 --tokenizer $TOK8 \
+    --max-tokens ${SWEEP_TOKENS:-60000} --lr 0 1e-4 3e-4 1e-3 2>&1 | grep -v Warning | tee "$OUT/lora_sweep.txt"
+}
 stage_lorap() {  # the same with phased global SGD, scaled to the 200 documents: pauses after 33, 67, 100
   mkdir -p $DATA/sp8192 && cp -n .carry/val8192/fineweb_val_000000.bin $DATA/sp8192/
   timeout ${LORA_LIMIT:-170} "${EVAL[@]}" --ttt lora --set lora_phases=3 --set lora_phase_docs=100 \
@@ -120,6 +126,7 @@ stage_parity() {  # 1 GPU (gradient accumulation) vs 2 GPUs, same seed and globa
   timeout 200 torchrun --standalone --nproc_per_node=2 -m golf train --preset record "${sets[@]}" \
     --set out_dir=/tmp/p2 2>&1 | grep "^step\|model:\|stopped" > "$OUT/parity_2gpu.log"
   tail -2 "$OUT/parity_1gpu.log" "$OUT/parity_2gpu.log"
+  python3 tools/loss_parity.py "$OUT/parity_1gpu.log" "$OUT/parity_2gpu.log" | tee "$OUT/parity.txt"
 }
 
 stage_submit2() {  # make submit NPROC=2: bundle → torchrun train_gpt.py → records folder → stats
