@@ -2,8 +2,7 @@
 # Benchmarks on a lent GPU machine, as recorded in docs/benchmarks.md.
 #   bash tools/device_session.sh STAGE...   (stages: setup data8192 data1024 kernels speed evalsmoke profile
 #                                            record quantstudy baseline evals lora lorap lorasweep parity
-#                                            submit2
-#                                            evalparity)
+#                                            submit2 evalparity)
 # Expects (made by tools/prepare_carry.sh), carried with the working tree: .whl/ (brotli, zstandard wheels)
 # and .carry/ (proxy/*.jsonl.{gz,xz}, tok/*.model, val1024/ and val8192/ FineWeb eval shards).
 # Every log goes to $OUT (or ./device_out); each stage has its own time limit.
