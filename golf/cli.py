@@ -143,12 +143,15 @@ def train_cmd(preset: str = PresetOpt, overrides: Optional[List[str]] = SetOpt,
 
     Several GPUs: torchrun --standalone --nproc_per_node=N -m golf train --preset record
     """
+    from golf.dist import init_distributed
     from golf.train import train
 
     cfg = config_from_cli(preset, overrides, config_file)
     cfg.train.resume = cfg.train.resume or resume
-    typer.echo(cfg.to_json())
-    train(cfg)
+    info = init_distributed()
+    say = typer.echo if info.is_main else (lambda _msg: None)  # one log under torchrun, from rank 0
+    say(cfg.to_json())
+    train(cfg, info, log=say)
 
 
 @app.command("run")

@@ -124,7 +124,7 @@ stage_parity() {  # 1 GPU (gradient accumulation) vs 2 GPUs, same seed and globa
     2>&1 | grep "^step\|model:\|stopped" > "$OUT/parity_1gpu.log"
   timeout 200 torchrun --standalone --nproc_per_node=2 -m golf train --preset record "${sets[@]}" \
     --set out_dir=/tmp/p2 2>&1 | grep "^step\|model:\|stopped" > "$OUT/parity_2gpu.log"
-  tail -2 "$OUT/parity_1gpu.log" "$OUT/parity_2gpu.log"
+  tail -n 2 "$OUT/parity_1gpu.log" "$OUT/parity_2gpu.log"
   python3 tools/loss_parity.py "$OUT/parity_1gpu.log" "$OUT/parity_2gpu.log" | tee "$OUT/parity.txt"
 }
 
