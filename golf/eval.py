@@ -139,12 +139,14 @@ def _eval_rank_range(n: int, rank: int, world_size: int) -> tuple[int, int]:
 def _eval_window_batch(tokens: torch.Tensor, rows: torch.Tensor):
     """(x, pos, y, valid) for plan rows: right-padded [B, T] inputs, and each row's scored
     positions packed left as [B, W]: where they sit in x, their targets, and which are real."""
-    ctx, end, score = (c.to(tokens.device) for c in rows.unbind(1))
-    width, n_scored = int((end - ctx).max()), end - score
+    # Sizes from the CPU plan rows: no device round trip before the forward is queued.
+    width, most_scored = int((rows[:, 1] - rows[:, 0]).max()), int((rows[:, 1] - rows[:, 2]).max())
+    ctx, end, score = rows.to(tokens.device).unbind(1)
+    n_scored = end - score
     last = tokens.numel() - 1
     idx = ctx[:, None] + torch.arange(width, device=tokens.device)[None]
     x = torch.where(idx < end[:, None], tokens[idx.clamp(max=last)], 0)  # causal: padding after never reaches them
-    cols = torch.arange(int(n_scored.max()), device=tokens.device)[None]
+    cols = torch.arange(most_scored, device=tokens.device)[None]
     valid = cols < n_scored[:, None]
     pos = ((score - ctx)[:, None] + cols).clamp(max=width - 1)
     y = tokens[(ctx[:, None] + pos + 1).clamp(max=last)]
@@ -400,12 +402,12 @@ class _EvalLoraBank:
             t[slot] = 0
         self.steps[slot] = 0
 
-    def use(self, slots: torch.Tensor | None) -> None:
+    def use(self, slots: list[int] | None) -> None:
         """Batch row i of the next forward belongs to slot slots[i]; None removes the adapters."""
-        full = slots is not None and slots.numel() == self.slots and bool((slots == torch.arange(
-            self.slots, device=slots.device)).all())
+        full = slots == list(range(self.slots))
+        index = None if slots is None or full else torch.tensor(slots, device=self.steps.device)
         for m, a, b in zip(self.targets, self.a, self.b):
-            m.lora = None if slots is None else (a, b) if full else (a[slots], b[slots])
+            m.lora = None if slots is None else (a, b) if full else (a[index], b[index])
 
     @torch.no_grad()
     def step(self, stepping: torch.Tensor) -> None:
@@ -459,7 +461,7 @@ def _eval_lora_docs(run: _EvalRun, bank: _EvalLoraBank, docs: torch.Tensor) -> N
             active = [s for s in range(bank.slots) if doc_of[s] is not None]
             rows = torch.stack([plans[doc_of[s]][chunk_of[s]] for s in active])
             trains = torch.tensor([chunk_of[s] + 1 < plans[doc_of[s]].size(0) for s in active])
-            bank.use(torch.tensor(active, device=run.tokens.device))
+            bank.use(active)
             if not bool(trains.any()):  # every document here ends with this chunk: score only
                 with torch.no_grad(), run.clock("score_s"):
                     run.sink.add(rows, _eval_window_nll(run.model, run.tokens, rows, run.amp()))
