@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Benchmarks on a lent GPU machine, as recorded in docs/benchmarks.md.
 #   bash tools/device_session.sh STAGE...   (stages: setup data8192 data1024 kernels speed evalsmoke profile
-#                                            record quantstudy baseline evals lora lorap lorasweep parity
-#                                            submit2 evalparity)
+#                                            record quantstudy baseline evals lora lorap lorasweep
+#                                            profileeval parity loraparity submit2 evalparity)
 # Expects (made by tools/prepare_carry.sh), carried with the working tree: .whl/ (brotli, zstandard wheels)
 # and .carry/ (proxy/*.jsonl.{gz,xz}, tok/*.model, val1024/ and val8192/ FineWeb eval shards).
 # Every log goes to $OUT (or ./device_out); each stage has its own time limit.
@@ -107,6 +107,17 @@ stage_lorasweep() {  # LoRA learning rates and compile overhead on the first SWE
   mkdir -p $DATA/sp8192 && cp -n .carry/val8192/fineweb_val_000000.bin $DATA/sp8192/
   timeout 400 python3 tools/lora_sweep.py "$ART" --data $DATA/sp8192 --tokenizer $TOK8 \
     --max-tokens ${SWEEP_TOKENS:-60000} --lr 0 1e-4 3e-4 1e-3 2>&1 | grep -v Warning | tee "$OUT/lora_sweep.txt"
+}
+stage_loraparity() {  # LoRA TTT on the first 60,000 tokens: one GPU vs two ranks (torchrun)
+  mkdir -p $DATA/sp8192 && cp -n .carry/val8192/fineweb_val_000000.bin $DATA/sp8192/
+  local args=(eval "$ART" --data $DATA/sp8192 --tokenizer $TOK8 --json --ttt lora --max-tokens 60000)
+  CUDA_VISIBLE_DEVICES=0 timeout 200 python3 -m golf "${args[@]}" 2>/dev/null | tee "$OUT/lora_1gpu.json"
+  timeout 200 torchrun --standalone --nproc_per_node=2 -m golf "${args[@]}" 2>/dev/null | tee "$OUT/lora_2gpu.json"
+}
+stage_profileeval() {  # where LoRA TTT's time goes (warm, profiled)
+  mkdir -p $DATA/sp8192 && cp -n .carry/val8192/fineweb_val_000000.bin $DATA/sp8192/
+  timeout 300 python3 tools/profile_eval.py "$ART" --data $DATA/sp8192 --tokenizer $TOK8 --ttt lora \
+    --max-tokens 20000 2>&1 | grep -v Warning | tee "$OUT/profile_eval.txt"
 }
 stage_lorap() {  # the same with phased global SGD, scaled to the 200 documents: pauses after 33, 67, 100
   mkdir -p $DATA/sp8192 && cp -n .carry/val8192/fineweb_val_000000.bin $DATA/sp8192/
