@@ -1,0 +1,40 @@
+"""The log readers in tools/ that turn device logs into the numbers of docs/benchmarks.md."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+TOOLS = Path(__file__).resolve().parents[1] / "tools"
+
+
+def step_line(step: int, loss: float, ms: float, avg: float, mem: float = 1.0) -> str:
+    return (f"step:{step}/100 train_loss:{loss:.4f} train_time:{ms:.0f}ms step_avg:{avg:.2f}ms tok/s:1 "
+            f"mfu:0.000 peak_mem:{mem:.1f}GiB\n")
+
+
+def run_tool(name: str, *args: str) -> str:
+    out = subprocess.run([sys.executable, str(TOOLS / name), *args], capture_output=True, text=True, check=True)
+    return out.stdout
+
+
+def test_train_rates_splits_the_log_at_the_recurrence_switch(tmp_path):
+    log = tmp_path / "train.log"
+    # 1,000 tokens per step; before looping one step per 100 ms, after it one per 200 ms.
+    lines = [step_line(s, 5.0, 100 * s, 100) for s in (1, 5, 10, 15)]
+    lines.append("step:15 depth recurrence on: layer order [0, 1, 1, 2]\n")
+    lines += [step_line(s, 4.0, 1500 + 200 * (s - 15), 120, mem=2.0) for s in (20, 25, 30)]
+    lines.append("stopped (wallclock) at step 30, train_time:4500ms, startup to first timed step 12.5s\n")
+    log.write_text("".join(lines))
+    out = run_tool("train_rates.py", str(log), "--tokens-per-step", "1000").splitlines()[-1].split()
+    assert out[1:] == ["12.5", "10,000", "5,000", "2.0"]
+
+
+def test_loss_parity_reports_the_largest_difference(tmp_path):
+    a, b = tmp_path / "a.log", tmp_path / "b.log"
+    a.write_text("".join(step_line(s, 9.0 - s, 100 * s, 100.0) for s in range(1, 4)))
+    b.write_text("".join(step_line(s, 9.0 - s + (0.01 if s == 2 else 0.0), 50 * s, 50.0) for s in range(1, 4)))
+    out = run_tool("loss_parity.py", str(a), str(b))
+    assert out.startswith("3 common steps: max |dloss| 0.0100 (step 2: 7.0000 vs 7.0100)")
+    assert "(2.000x)" in out
