@@ -13,7 +13,7 @@ Notable:
 - Sliding window (`eval_stride` > 0): the first window scores all its positions, later windows only
   their last `stride`; the final window ends at the end of the stream and scores only what is left.
 - Score-first TTT keeps the community's four conditions (causal, normalized, score before update,
-  single pass); every chunk is scored under no_grad before any update that uses it:
+  single pass); every chunk's NLL is recorded before any update that uses it:
   - `sgd` (#1493): the stream in `ttt_chunk_tokens` chunks; after scoring a chunk (windows may
     reach back into earlier chunks for context) all weights take `ttt_epochs` SGD steps on it,
     cosine LR over chunks, grads summed over ranks as a global token mean.
@@ -416,14 +416,14 @@ class _EvalLoraBank:
         (b1, b2), mask = self.BETAS, stepping.float()
         self.steps += mask
         t = self.steps.clamp(min=1)
+        bias1, bias2 = 1 - b1 ** t, 1 - b2 ** t  # per slot, the same for every adapter tensor
         for p, m, v in zip(self.params, self.m, self.v):
             g = p.grad if p.grad is not None else torch.zeros_like(p)
-            keep = mask.view(-1, *[1] * (p.dim() - 1))
+            per_slot = (-1, *[1] * (p.dim() - 1))
+            keep = mask.view(per_slot)
             m.lerp_(g, (1 - b1) * keep)
             v.mul_(1 - (1 - b2) * keep).addcmul_(g, g, value=1 - b2)
-            bias1 = (1 - b1 ** t).view_as(keep)
-            bias2 = (1 - b2 ** t).view_as(keep)
-            p.sub_(self.lr * keep * (m / bias1) / ((v / bias2).sqrt() + self.EPS))
+            p.sub_(self.lr * keep * (m / bias1.view(per_slot)) / ((v / bias2.view(per_slot)).sqrt() + self.EPS))
             p.grad = None
 
 
@@ -496,24 +496,21 @@ def _eval_ttt_lora(run: _EvalRun, tokens_cpu: torch.Tensor) -> None:
                     if t.lora_phases > 0 else set())
     bounds = [0] + [p for p in pauses if 0 < p < n_docs] + [n_docs]
     opt = torch.optim.SGD(params, lr=t.ttt_lr, momentum=t.ttt_momentum) if len(bounds) > 2 else None
-    try:
-        for g in range(len(bounds) - 1):
-            group = docs[bounds[g]:bounds[g + 1]]
-            # contiguous documents per rank, balanced by tokens; longest first within a rank
-            cum = torch.cumsum(group[:, 1] - group[:, 0], 0)
-            total = int(cum[-1])
-            lo, hi = (int(torch.searchsorted(cum, total * r // run.world_size, right=True))
-                      for r in (run.rank, run.rank + 1))
-            mine = group[lo:hi]
-            mine = mine[torch.argsort(mine[:, 0] - mine[:, 1], stable=True)]
-            _eval_lora_docs(run, bank, mine)
-            if g < len(bounds) - 2:
-                scored_end = int(group[-1, 1])
-                _eval_phase_sgd(run, params, opt, scored_end)
-                run.log(f"ttt_lora phase:{g + 1}/{len(bounds) - 2} docs_scored:{bounds[g + 1]} "
-                        f"global_sgd_tokens:{scored_end} elapsed:{sum(run.clock.times.values()):.1f}s")
-    finally:
-        bank.use(None)
+    for g in range(len(bounds) - 1):
+        group = docs[bounds[g]:bounds[g + 1]]
+        # contiguous documents per rank, balanced by tokens; longest first within a rank
+        cum = torch.cumsum(group[:, 1] - group[:, 0], 0)
+        total = int(cum[-1])
+        lo, hi = (int(torch.searchsorted(cum, total * r // run.world_size, right=True))
+                  for r in (run.rank, run.rank + 1))
+        mine = group[lo:hi]
+        mine = mine[torch.argsort(mine[:, 0] - mine[:, 1], stable=True)]
+        _eval_lora_docs(run, bank, mine)
+        if g < len(bounds) - 2:
+            scored_end = int(group[-1, 1])
+            _eval_phase_sgd(run, params, opt, scored_end)
+            run.log(f"ttt_lora phase:{g + 1}/{len(bounds) - 2} docs_scored:{bounds[g + 1]} "
+                    f"global_sgd_tokens:{scored_end} elapsed:{sum(run.clock.times.values()):.1f}s")
 
 
 def _eval_phase_sgd(run: _EvalRun, params: list[nn.Parameter], opt: torch.optim.Optimizer,

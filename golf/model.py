@@ -337,7 +337,7 @@ class GPT(nn.Module):
         compiles a few small graphs (embedding; sequential and parallel blocks, each with and
         without a U-Net skip; head) instead of one unrolled graph per layer order, and switching
         depth recurrence on costs no compile.
-        Compiled regions bypass module hooks: switch it off before hooking modules (GPTQ, LoRA)."""
+        Compiled regions bypass module hooks: switch it off before hooking modules (GPTQ)."""
         if not enable:
             self._compiled = None
             return
@@ -395,7 +395,7 @@ class GPT(nn.Module):
         order, n_enc = self._order, len(self._order) // 2
         # Compiled blocks guard on argument identity (x is x0, or a skip that is x, would each add
         # a graph): views of the same data are distinct objects and cost no copy.
-        x, lane_b, skips = (x0 if compiled is None else x0.view_as(x0)), None, []
+        x, lane_b, skips = x0.view_as(x0), None, []
         for pos, i in enumerate(order):
             block, skip = self.blocks[i], None
             if self.cfg.unet_skips and n_enc <= pos < 2 * n_enc:
@@ -410,7 +410,7 @@ class GPT(nn.Module):
                 run = block if compiled is None else partial(compiled["block"], block)
                 x = run(x, x0, cos, sin, skip)
             if self.cfg.unet_skips and pos < n_enc:
-                skips.append((x if compiled is None else x.view_as(x)) if lane_b is None else 0.5 * (x + lane_b))
+                skips.append(x.view_as(x) if lane_b is None else 0.5 * (x + lane_b))
         if lane_b is not None:
             x = 0.5 * (x + lane_b)
         return F.rms_norm(x, (x.size(-1),))

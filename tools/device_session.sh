@@ -70,7 +70,7 @@ run_preset() {  # run_preset PRESET VOCAB TOKENIZER EXTRA_SET...
 }
 # Compiled evaluation smoke test on the carried artifact; if it fails, the runs evaluate eagerly.
 stage_evalsmoke() {
-  mkdir -p $DATA/sp8192 && cp -n .carry/val8192/fineweb_val_000000.bin $DATA/sp8192/
+  val8192
   if ! timeout 120 python3 -m golf eval .carry/record/final_model.golf --sliding --ttt none --json \
       --data $DATA/sp8192 --tokenizer $TOK8 2>"$OUT/evalsmoke.err" | tee "$OUT/evalsmoke.json"; then
     tail -5 "$OUT/evalsmoke.err"; EXTRA_SETS="${EXTRA_SETS:-} eval_compile=0"; echo "eval_compile=0 from here on"
@@ -91,36 +91,40 @@ stage_quantstudy() {  # one record model (QS_WALL s), quantized several ways: by
 stage_baseline() { run_preset baseline 1024 $TOK1; }
 
 ART=.carry/record/final_model.golf
+val8192() {  # the FineWeb eval shard where the evaluations look for it (data8192 also puts it there)
+  mkdir -p $DATA/sp8192
+  [ -e $DATA/sp8192/fineweb_val_000000.bin ] || cp .carry/val8192/fineweb_val_000000.bin $DATA/sp8192/
+}
 EVAL=(python3 -m golf eval "$ART" --data $DATA/sp8192 --tokenizer $TOK8 --json)
 stage_evals() {  # evaluations of the carried record artifact: sliding, SGD-TTT, size, codecs
-  mkdir -p $DATA/sp8192 && cp -n .carry/val8192/fineweb_val_000000.bin $DATA/sp8192/
+  val8192
   timeout 120 "${EVAL[@]}" --sliding --ttt none 2> >(tail -n 3 >&2) | tee "$OUT/eval_sliding.json"
   timeout 150 "${EVAL[@]}" --sliding --ttt sgd 2> >(tail -n 3 >&2) | tee "$OUT/eval_sgd.json"
   python3 -m golf size-check "$ART" | tee "$OUT/size_check.txt"
   timeout 60 python3 tools/bench_codecs.py "$ART" | tee "$OUT/codecs.txt"
 }
 stage_lora() {  # per-document LoRA TTT on the carried record artifact
-  mkdir -p $DATA/sp8192 && cp -n .carry/val8192/fineweb_val_000000.bin $DATA/sp8192/
+  val8192
   timeout ${LORA_LIMIT:-170} "${EVAL[@]}" --ttt lora 2> >(tail -n 3 >&2) | tee "$OUT/eval_lora.json"
 }
 stage_lorasweep() {  # LoRA learning rates and compile overhead on the first SWEEP_TOKENS tokens, warm
-  mkdir -p $DATA/sp8192 && cp -n .carry/val8192/fineweb_val_000000.bin $DATA/sp8192/
+  val8192
   timeout 400 python3 tools/lora_sweep.py "$ART" --data $DATA/sp8192 --tokenizer $TOK8 \
     --max-tokens ${SWEEP_TOKENS:-60000} --lr 0 1e-4 3e-4 1e-3 2>&1 | grep -v Warning | tee "$OUT/lora_sweep.txt"
 }
 stage_loraparity() {  # LoRA TTT on the first 60,000 tokens: one GPU vs two ranks (torchrun)
-  mkdir -p $DATA/sp8192 && cp -n .carry/val8192/fineweb_val_000000.bin $DATA/sp8192/
+  val8192
   local args=(eval "$ART" --data $DATA/sp8192 --tokenizer $TOK8 --json --ttt lora --max-tokens 60000)
   CUDA_VISIBLE_DEVICES=0 timeout 200 python3 -m golf "${args[@]}" 2>/dev/null | tee "$OUT/lora_1gpu.json"
   timeout 200 torchrun --standalone --nproc_per_node=2 -m golf "${args[@]}" 2>/dev/null | tee "$OUT/lora_2gpu.json"
 }
 stage_profileeval() {  # where LoRA TTT's time goes (warm, profiled)
-  mkdir -p $DATA/sp8192 && cp -n .carry/val8192/fineweb_val_000000.bin $DATA/sp8192/
+  val8192
   timeout 300 python3 tools/profile_eval.py "$ART" --data $DATA/sp8192 --tokenizer $TOK8 --ttt lora \
     --max-tokens 20000 2>&1 | grep -v Warning | tee "$OUT/profile_eval.txt"
 }
 stage_lorap() {  # the same with phased global SGD, scaled to the 200 documents: pauses after 33, 67, 100
-  mkdir -p $DATA/sp8192 && cp -n .carry/val8192/fineweb_val_000000.bin $DATA/sp8192/
+  val8192
   timeout ${LORA_LIMIT:-170} "${EVAL[@]}" --ttt lora --set lora_phases=3 --set lora_phase_docs=100 \
     2> >(tail -n 3 >&2) | tee "$OUT/eval_lora_phased.json"
 }
