@@ -56,6 +56,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
+from torch.fx.experimental import _config as fx_config
 
 from golf.config import Config, EvalConfig, GolfError, ModelConfig, TTTConfig
 from golf.data import BOS_ID, ByteTable, byte_table, list_shards, load_tokenizer, load_val_tokens
@@ -67,6 +68,7 @@ from golf.quant import dequantize_state
 # The modules LoRA TTT adapts: attention q/k/v/o, MLP fc/proj, and the (possibly tied) head.
 EVAL_LORA_TARGETS = re.compile(r"blocks\.\d+\.(attn\.(c_q|c_k|c_v|proj)|mlp\.(fc|proj))|lm_head")
 EVAL_LORA_SEED = 1234
+EVAL_WIDTH_MULTIPLE = 64  # window widths round up to this: few attention shapes (cuDNN plans)
 EVAL_DEFAULT_STRIDE = 64  # the record's sliding stride, for `golf eval --sliding` on a plain config
 
 
@@ -137,31 +139,43 @@ def _eval_rank_range(n: int, rank: int, world_size: int) -> tuple[int, int]:
 
 
 def _eval_window_batch(tokens: torch.Tensor, rows: torch.Tensor):
-    """(x, pos, y, valid) for plan rows: right-padded [B, T] inputs, and each row's scored
-    positions packed left as [B, W]: where they sit in x, their targets, and which are real."""
-    # Sizes from the CPU plan rows: no device round trip before the forward is queued.
-    width, most_scored = int((rows[:, 1] - rows[:, 0]).max()), int((rows[:, 1] - rows[:, 2]).max())
-    ctx, end, score = rows.to(tokens.device).unbind(1)
-    n_scored = end - score
-    last = tokens.numel() - 1
-    idx = ctx[:, None] + torch.arange(width, device=tokens.device)[None]
-    x = torch.where(idx < end[:, None], tokens[idx.clamp(max=last)], 0)  # causal: padding after never reaches them
-    cols = torch.arange(most_scored, device=tokens.device)[None]
-    valid = cols < n_scored[:, None]
-    pos = ((score - ctx)[:, None] + cols).clamp(max=width - 1)
-    y = tokens[(ctx[:, None] + pos + 1).clamp(max=last)]
-    return x, pos, y, valid
+    """(x, pos, sel, y) for plan rows: right-padded [B, T] inputs (T rounded up to a multiple of
+    EVAL_WIDTH_MULTIPLE, so a handful of shapes recur); each row's scored positions packed left
+    as [B, W] positions in x (padded by repeating the last); the flat indices into that [B·W]
+    of the real ones, in row order; and their target ids."""
+    # Every index is computed from the CPU plan rows and copied without blocking: nothing here
+    # waits for the GPU, so the host queues the next forward while the last one still runs.
+    ctx, end, score = rows.unbind(1)
+    width = -(-int((end - ctx).max()) // EVAL_WIDTH_MULTIPLE) * EVAL_WIDTH_MULTIPLE
+    counts = end - score
+    cols = torch.arange(width)[None]
+    real = cols < (end - ctx)[:, None]  # causal: the padding after a row's end never reaches it
+    idx = torch.where(real, ctx[:, None] + cols, tokens.numel() - 1)
+    most = int(counts.max())
+    scored = torch.arange(most)[None] < counts[:, None]
+    pos = torch.minimum((score - ctx)[:, None] + torch.arange(most)[None], (end - ctx - 1)[:, None])
+    sel = torch.nonzero(scored.flatten()).flatten()
+    target = (ctx[:, None] + pos + 1).flatten()[sel]
+    device = tokens.device
+    x = tokens[idx.to(device, non_blocking=True)] * real.to(device, non_blocking=True)
+    return (x, pos.to(device, non_blocking=True), sel.to(device, non_blocking=True),
+            tokens[target.to(device, non_blocking=True)])
 
 
 def _eval_window_nll(model: GPT, tokens: torch.Tensor, rows: torch.Tensor, amp) -> torch.Tensor:
     """Float32 NLL of the scored targets of `rows`, concatenated in row order. The head runs on
-    the scored positions only (a sliding window scores 64 of its 2048)."""
-    x, pos, y, valid = _eval_window_batch(tokens, rows)
+    the scored positions only (a sliding window scores 64 of its 2048). A lone row runs twice
+    and one copy is dropped: compiled graphs specialize a batch of 1, and that extra graph cost
+    a minute of compiling on an H100 (docs/benchmarks.md)."""
+    n_scored = int(rows[:, 1].sub(rows[:, 2]).sum())
+    if rows.size(0) == 1:
+        rows = rows.expand(2, -1)
+    x, pos, sel, y = _eval_window_batch(tokens, rows)
     with amp:
         h = model.hidden(x)
-        h = torch.gather(h, 1, pos[..., None].expand(-1, -1, h.size(-1)))
-        logits = model.logits(h)
-    return F.cross_entropy(logits[valid].float(), y[valid], reduction="none")
+        logits = model.logits(torch.gather(h, 1, pos[..., None].expand(-1, -1, h.size(-1))))
+    return F.cross_entropy(logits.reshape(-1, logits.size(-1))[sel[:n_scored]].float(), y[:n_scored],
+                           reduction="none")
 
 
 class _EvalSink:
@@ -360,6 +374,16 @@ def _eval_ttt_sgd(run: _EvalRun) -> None:
 # ----------------------------------------------------------------------------- LoRA TTT
 
 
+def _lora_adam_update(p: torch.Tensor, g: torch.Tensor, m: torch.Tensor, v: torch.Tensor, keep: torch.Tensor,
+                      bias1: torch.Tensor, bias2: torch.Tensor, lr: float) -> None:
+    """Adam (torch's defaults) in place on [slots, P] tensors; `keep`, `bias1`, `bias2` are
+    [slots, 1]. A slot with keep 0 is left exactly as it was. Compiled on CUDA into one pass."""
+    (b1, b2), eps = _EvalLoraBank.BETAS, _EvalLoraBank.EPS
+    m.lerp_(g, (1 - b1) * keep)
+    v.mul_(1 - (1 - b2) * keep).addcmul_(g, g, value=1 - b2)
+    p.sub_(lr * keep * (m / bias1) / ((v / bias2).sqrt() + eps))
+
+
 class _EvalLoraBank:
     """Per-document LoRA on the target linears, in `slots` slots: out += (x @ A[s]) @ B[s] (bmm).
 
@@ -367,64 +391,69 @@ class _EvalLoraBank:
     U(±1/sqrt(fan_in)) as nn.Linear's init, the same for every document and rank; B starts at
     zero, so a fresh adapter is exactly the base model. No alpha/r scale: Adam's first steps move
     B by ~lr whatever the scale. Adam (torch's defaults) keeps its moments and step count per
-    slot, so each document's adapters follow exactly the path they would alone. `use(slots)`
-    hands each target `CastedLinear` the adapters of the next forward's rows (no hooks, so
-    compiled blocks trace it)."""
+    slot, so each document's adapters follow exactly the path they would alone.
+
+    Every adapter of a slot lives in one row of a flat [slots, P] leaf (the moments likewise), so
+    an Adam step is a few passes over three tensors, not hundreds of small kernels. `use(slots)`
+    hands each target `CastedLinear` views of the next forward's rows (no hooks, so compiled
+    blocks trace it)."""
 
     BETAS, EPS = (0.9, 0.999), 1e-8
 
-    def __init__(self, model: nn.Module, rank: int, slots: int, lr: float, device: torch.device):
+    def __init__(self, model: nn.Module, rank: int, slots: int, lr: float, device: torch.device,
+                 compile_step: bool = False):
         self.targets = [m for name, m in model.named_modules()
                         if EVAL_LORA_TARGETS.fullmatch(name) and isinstance(m, CastedLinear)]
         if not self.targets:
             raise EvalError("LoRA TTT found no q/k/v/o, MLP or lm_head linear in the model")
         gen = torch.Generator().manual_seed(EVAL_LORA_SEED)
-        self.init_a = []
+        init, self.shapes = [], []
         for m in self.targets:
-            fan_in = m.weight.size(1)
+            fan_out, fan_in = m.weight.shape
             bound = 1.0 / math.sqrt(fan_in)
-            self.init_a.append(((torch.rand(fan_in, rank, generator=gen) * 2 - 1) * bound).to(device))
-        self.a = [a0.expand(slots, -1, -1).clone().requires_grad_(True) for a0 in self.init_a]
-        self.b = [torch.zeros(slots, rank, m.weight.size(0), device=device, requires_grad=True)
-                  for m in self.targets]
-        self.params = self.a + self.b
-        self.m = [torch.zeros_like(p) for p in self.params]
-        self.v = [torch.zeros_like(p) for p in self.params]
-        self.steps = torch.zeros(slots, device=device)
+            init += [((torch.rand(fan_in, rank, generator=gen) * 2 - 1) * bound).flatten(),
+                     torch.zeros(rank * fan_out)]
+            self.shapes += [(fan_in, rank), (rank, fan_out)]
+        self.init = torch.cat(init).to(device)
+        self.flat = self.init.expand(slots, -1).clone().requires_grad_(True)
+        self.m = torch.zeros_like(self.flat)
+        self.v = torch.zeros_like(self.flat)
+        self.steps = torch.zeros(slots, 1, device=device)
         self.lr, self.slots = lr, slots
+        self.update = torch.compile(_lora_adam_update, dynamic=False) if compile_step else _lora_adam_update
 
     @torch.no_grad()
     def reset(self, slot: int) -> None:
         """A fresh document in `slot`: initial adapters, no Adam history."""
-        for a, a0 in zip(self.a, self.init_a):
-            a[slot] = a0
-        for t in self.b + self.m + self.v:
-            t[slot] = 0
+        self.flat[slot] = self.init
+        self.m[slot] = 0
+        self.v[slot] = 0
         self.steps[slot] = 0
 
     def use(self, slots: list[int] | None) -> None:
         """Batch row i of the next forward belongs to slot slots[i]; None removes the adapters."""
-        full = slots == list(range(self.slots))
-        index = None if slots is None or full else torch.tensor(slots, device=self.steps.device)
-        for m, a, b in zip(self.targets, self.a, self.b):
-            m.lora = None if slots is None else (a, b) if full else (a[index], b[index])
+        if slots is None:
+            for m in self.targets:
+                m.lora = None
+            return
+        rows = self.flat if slots == list(range(self.slots)) else \
+            self.flat[torch.tensor(slots).to(self.flat.device, non_blocking=True)]
+        views = iter(torch.split(rows, [a * b for a, b in self.shapes], dim=1))
+        shapes = iter(self.shapes)
+        for m in self.targets:
+            m.lora = tuple(next(views).view(len(slots), *next(shapes)) for _ in range(2))
 
     @torch.no_grad()
     def step(self, stepping: torch.Tensor) -> None:
         """One Adam step for the slots where `stepping` (bool [slots]) is set; the others keep
         their adapters and moments untouched."""
-        (b1, b2), mask = self.BETAS, stepping.float()
-        self.steps += mask
+        keep = stepping.float()[:, None]
+        self.steps += keep
         t = self.steps.clamp(min=1)
-        bias1, bias2 = 1 - b1 ** t, 1 - b2 ** t  # per slot, the same for every adapter tensor
-        for p, m, v in zip(self.params, self.m, self.v):
-            g = p.grad if p.grad is not None else torch.zeros_like(p)
-            per_slot = (-1, *[1] * (p.dim() - 1))
-            keep = mask.view(per_slot)
-            m.lerp_(g, (1 - b1) * keep)
-            v.mul_(1 - (1 - b2) * keep).addcmul_(g, g, value=1 - b2)
-            p.sub_(self.lr * keep * (m / bias1.view(per_slot)) / ((v / bias2.view(per_slot)).sqrt() + self.EPS))
-            p.grad = None
+        (b1, b2) = self.BETAS
+        g = self.flat.grad if self.flat.grad is not None else torch.zeros_like(self.flat)
+        self.update(self.flat, g, self.m, self.v, keep, 1 - b1 ** t, 1 - b2 ** t, self.lr)
+        self.flat.grad = None
 
 
 def _eval_doc_spans(tokens_cpu: torch.Tensor, n_targets: int) -> torch.Tensor:
@@ -461,20 +490,19 @@ def _eval_lora_docs(run: _EvalRun, bank: _EvalLoraBank, docs: torch.Tensor) -> N
             active = [s for s in range(bank.slots) if doc_of[s] is not None]
             rows = torch.stack([plans[doc_of[s]][chunk_of[s]] for s in active])
             trains = torch.tensor([chunk_of[s] + 1 < plans[doc_of[s]].size(0) for s in active])
-            bank.use(active)
-            if not bool(trains.any()):  # every document here ends with this chunk: score only
-                with torch.no_grad(), run.clock("score_s"):
-                    run.sink.add(rows, _eval_window_nll(run.model, run.tokens, rows, run.amp()))
-            else:
-                with run.clock("lora_s"):
-                    nll = _eval_window_nll(run.model, run.tokens, rows, run.amp())
-                    run.sink.add(rows, nll.detach())  # the score is fixed before the update below
-                    counts = rows[:, 1] - rows[:, 2]
-                    weight = torch.repeat_interleave(trains.float() / counts.float(), counts).to(nll.device)
-                    (nll * weight).sum().backward()
-                    stepping = torch.zeros(bank.slots, dtype=torch.bool)
-                    stepping[torch.tensor(active)[trains]] = True
-                    bank.step(stepping.to(run.tokens.device))
+            bank.use(active if len(active) > 1 else active * 2)  # a lone row runs twice (_eval_window_nll)
+            # Always in grad mode, even when no document here has a next chunk to train for: a
+            # no_grad forward would compile a second set of graphs for a handful of steps.
+            nll = _eval_window_nll(run.model, run.tokens, rows, run.amp())
+            run.sink.add(rows, nll.detach())  # the score is fixed before the update below
+            if bool(trains.any()):
+                counts = rows[:, 1] - rows[:, 2]
+                weight = torch.repeat_interleave(trains.float() / counts.float(), counts)
+                (nll * weight.to(nll.device, non_blocking=True)).sum().backward()
+                stepping = torch.zeros(bank.slots, dtype=torch.bool)
+                stepping[torch.tensor(active)[trains]] = True
+                bank.step(stepping.to(run.tokens.device, non_blocking=True))
+            del nll
             for s in active:
                 chunk_of[s] += 1
                 if chunk_of[s] == plans[doc_of[s]].size(0):
@@ -490,7 +518,9 @@ def _eval_ttt_lora(run: _EvalRun, tokens_cpu: torch.Tensor) -> None:
     params = list(run.model.parameters())
     for p in params:
         p.requires_grad_(False)  # LoRA steps need no base-weight grads
-    bank = _EvalLoraBank(run.model, t.lora_rank, run.ecfg.eval_batch_seqs, t.lora_lr, run.tokens.device)
+    device = run.tokens.device
+    bank = _EvalLoraBank(run.model, t.lora_rank, t.lora_slots, t.lora_lr, device,
+                         compile_step=run.ecfg.eval_compile and device.type == "cuda")
     # Pauses at fixed document counts (never depending on how many documents follow).
     pauses = sorted({round(k * t.lora_phase_docs / t.lora_phases) for k in range(1, t.lora_phases + 1)}
                     if t.lora_phases > 0 else set())
@@ -505,7 +535,8 @@ def _eval_ttt_lora(run: _EvalRun, tokens_cpu: torch.Tensor) -> None:
                   for r in (run.rank, run.rank + 1))
         mine = group[lo:hi]
         mine = mine[torch.argsort(mine[:, 0] - mine[:, 1], stable=True)]
-        _eval_lora_docs(run, bank, mine)
+        with run.clock("lora_s"):  # one phase: a clock edge syncs with the GPU
+            _eval_lora_docs(run, bank, mine)
         if g < len(bounds) - 2:
             scored_end = int(group[-1, 1])
             _eval_phase_sgd(run, params, opt, scored_end)
@@ -560,8 +591,11 @@ def evaluate(model: GPT, val_tokens: torch.Tensor, table: ByteTable, ecfg: EvalC
                    _EvalSink(device, keep_values=dump_path is not None), clock, amp,
                    log if rank == 0 else (lambda _msg: None), rank, world_size)
     # Window widths, batch sizes and LoRA chunks vary: one dynamic-shape graph per region and mode.
+    # Without duck shaping, a width that happens to equal a LoRA dimension (both symbolic) is not
+    # unified with it and then specialized to that value, which recompiled graph after graph.
     try:
-        with work.blocks_compiled(ecfg.eval_compile and device.type == "cuda", dynamic=True):
+        with work.blocks_compiled(ecfg.eval_compile and device.type == "cuda", dynamic=True), \
+                fx_config.patch(use_duck_shape=False):
             if tcfg.ttt_mode == "sgd":
                 _eval_ttt_sgd(run)
             elif tcfg.ttt_mode == "lora":

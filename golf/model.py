@@ -230,7 +230,8 @@ class GPTBlock(nn.Module):
     def _mix(self, x: Tensor, x0: Tensor) -> Tensor:
         if self.resid_mix is None:
             return x
-        return self.resid_mix[0] * x + self.resid_mix[1] * x0
+        mix = self.resid_mix.to(x.dtype)
+        return mix[0] * x + mix[1] * x0
 
     def _norm(self, x: Tensor) -> Tensor:
         n = F.rms_norm(x, (self.dim,))
@@ -242,16 +243,17 @@ class GPTBlock(nn.Module):
         if skip is None:
             return x
         encoder_out, gate, weight = skip
-        return x + torch.sigmoid(gate) * weight * encoder_out
+        return x + (torch.sigmoid(gate) * weight).to(x.dtype) * encoder_out
 
     def forward(self, x: Tensor, x0: Tensor, cos: Tensor, sin: Tensor,
                 skip: tuple[Tensor, Tensor, Tensor] | None = None) -> Tensor:
         x = self._mix(self._skip(x, skip), x0)
+        attn_scale, mlp_scale = self.attn_scale.to(x.dtype), self.mlp_scale.to(x.dtype)
         if self.parallel:  # GPT-J: attention and MLP read the same normed input
             n = self._norm(x)
-            return x + self.attn_scale * self.attn(n, cos, sin) + self.mlp_scale * self.mlp(n)
-        x = x + self.attn_scale * self.attn(self._norm(x), cos, sin)
-        return x + self.mlp_scale * self.mlp(self._norm(x))
+            return x + attn_scale * self.attn(n, cos, sin) + mlp_scale * self.mlp(n)
+        x = x + attn_scale * self.attn(self._norm(x), cos, sin)
+        return x + mlp_scale * self.mlp(self._norm(x))
 
     def forward_lanes(self, a: Tensor, b: Tensor, x0: Tensor, cos: Tensor, sin: Tensor,
                       skip: tuple[Tensor, Tensor, Tensor] | None = None) -> tuple[Tensor, Tensor]:
@@ -260,9 +262,9 @@ class GPTBlock(nn.Module):
         a' = a + r00·A + r01·M,  b' = b + r10·A + r11·M, with r = lane_route (init all ones).
         A U-Net skip reaches both lanes."""
         a, b = self._mix(self._skip(a, skip), x0), self._mix(self._skip(b, skip), x0)
-        out_attn = self.attn_scale * self.attn(self._norm(a), cos, sin)
-        out_mlp = self.mlp_scale * self.mlp(self._norm(b))
-        r = self.lane_route
+        out_attn = self.attn_scale.to(a.dtype) * self.attn(self._norm(a), cos, sin)
+        out_mlp = self.mlp_scale.to(b.dtype) * self.mlp(self._norm(b))
+        r = self.lane_route.to(a.dtype)
         return a + r[0, 0] * out_attn + r[0, 1] * out_mlp, b + r[1, 0] * out_attn + r[1, 1] * out_mlp
 
 
@@ -385,6 +387,8 @@ class GPT(nn.Module):
             gate = torch.sigmoid(F.linear(x[..., : self.smear_gate.size(1)], self.smear_gate))
             keep = (ids != BOS_ID).unsqueeze(-1).to(x.dtype)  # no leak into a new document
             x = x + self.smear_lambda * gate * keep * prev
+        if self.cfg.stream_dtype == "bfloat16" and torch.is_autocast_enabled(x.device.type):
+            x = x.to(torch.bfloat16)  # the whole residual stream follows x0's dtype
         return x
 
     def hidden(self, ids: Tensor) -> Tensor:

@@ -29,7 +29,7 @@ SLIDING = EvalConfig(eval_seq_len=128, eval_stride=32, eval_batch_seqs=16)
 PLAIN = dataclasses.replace(SLIDING, eval_stride=0)
 NO_TTT = TTTConfig(ttt_mode="none")
 SGD = TTTConfig(ttt_mode="sgd", ttt_chunk_tokens=700, ttt_epochs=2, ttt_lr=0.05)
-LORA = TTTConfig(ttt_mode="lora", lora_rank=4, lora_chunk_tokens=32, lora_lr=0.01)
+LORA = TTTConfig(ttt_mode="lora", lora_rank=4, lora_chunk_tokens=32, lora_lr=0.01, lora_slots=4)
 LORA_PHASED = dataclasses.replace(LORA, lora_phases=2, lora_phase_docs=6, ttt_chunk_tokens=700, ttt_lr=0.01)
 VARIANTS = {"plain": (PLAIN, NO_TTT), "sliding": (SLIDING, NO_TTT), "sgd": (SLIDING, SGD),
             "lora": (SLIDING, LORA), "lora_phased": (SLIDING, LORA_PHASED)}
@@ -197,8 +197,8 @@ def test_ttt_adapts_and_reduces_to_plain_scoring_at_zero_lr(tiny_eval, tmp_path)
     np.testing.assert_allclose(frozen_nll, base_nll, atol=1e-5)
     sgd, _ = nll(SLIDING, SGD, "sgd.npy")
     assert sgd.mode == "sliding+sgd" and "ttt_train_s" in sgd.times and sgd.nll_sum != pytest.approx(base.nll_sum)
-    lora, batched = nll(SLIDING, LORA, "lora16.npy")
-    _, single = nll(dataclasses.replace(SLIDING, eval_batch_seqs=1), LORA, "lora1.npy")
+    lora, batched = nll(SLIDING, LORA, "lora4.npy")  # ~13 documents through 4 slots: refills
+    _, single = nll(SLIDING, dataclasses.replace(LORA, lora_slots=1), "lora1.npy")
     assert lora.mode == "lora" and "lora_s" in lora.times
     np.testing.assert_allclose(batched, single, atol=1e-4)
 

@@ -153,6 +153,21 @@ def test_bf16_autocast_matches_fp32():
     torch.testing.assert_close(logits, model(ids), rtol=0.1, atol=0.15)
 
 
+def test_bf16_stream_under_autocast_only():
+    cfg = small_cfg(**ALL_ON, stream_dtype="bfloat16")
+    model = perturbed(cfg, seed=9)
+    ids = torch.randint(0, cfg.vocab_size, (2, 16))
+    assert model.hidden(ids).dtype == torch.float32  # no autocast: nothing changes
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert model.hidden(ids).dtype == torch.bfloat16
+        loss = model.loss(ids, torch.roll(ids, -1, 1))
+        logits = model(ids)
+    loss.backward()
+    assert all(p.dtype == torch.float32 and p.grad is not None and torch.isfinite(p.grad).all()
+               for p in model.parameters())
+    torch.testing.assert_close(logits, model(ids), rtol=0.1, atol=0.15)
+
+
 def test_causal_with_every_switch_on():
     cfg = small_cfg(**ALL_ON)
     model = perturbed(cfg, seed=1)

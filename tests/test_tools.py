@@ -38,3 +38,36 @@ def test_loss_parity_reports_the_largest_difference(tmp_path):
     out = run_tool("loss_parity.py", str(a), str(b))
     assert out.startswith("3 common steps: max |dloss| 0.0100 (step 2: 7.0000 vs 7.0100)")
     assert "(2.000x)" in out
+
+
+def test_replicate_val_repeats_every_document_in_a_seeded_order(tmp_path):
+    from golf.data import load_val_tokens, write_shard
+
+    docs = [[1, 5, 6], [1, 7], [1, 8, 9, 10]]
+    write_shard(tmp_path / "src" / "fineweb_val_000000.bin", [t for d in docs for t in d])
+    out = run_tool("replicate_val.py", str(tmp_path / "src"), str(tmp_path / "rep"), "--times", "3")
+    assert "3 documents × 3 = 9, 27 tokens" in out
+    stream = load_val_tokens([tmp_path / "rep" / "fineweb_val_000000.bin"]).tolist()
+    starts = [i for i, t in enumerate(stream) if t == 1] + [len(stream)]
+    got = sorted(tuple(stream[a:b]) for a, b in zip(starts, starts[1:]))
+    assert got == sorted(tuple(d) for d in docs * 3)
+    again = subprocess.run([sys.executable, str(TOOLS / "replicate_val.py"), str(tmp_path / "src"),
+                            str(tmp_path / "rep")], capture_output=True, text=True)
+    assert again.returncode != 0 and "already exists" in again.stderr  # never overwrites
+
+
+def test_nll_compare_buckets_by_position_in_the_document(tmp_path):
+    import numpy as np
+
+    from golf.data import write_shard
+
+    write_shard(tmp_path / "fineweb_val_000000.bin", [1, 5, 6, 7, 1, 8, 9])  # targets: 4 + 2
+    np.save(tmp_path / "base.npy", np.full(6, 2.0, dtype=np.float32))
+    np.save(tmp_path / "other.npy", np.array([2.0, 2.0, 1.0, 1.0, 2.0, 2.0], dtype=np.float32))
+    out = run_tool("nll_compare.py", str(tmp_path / "base.npy"), str(tmp_path / "other.npy"),
+                   "--data", str(tmp_path), "--edges", "0", "2").splitlines()
+    by_position = out[:out.index("document length")] + out[-1:]
+    rows = {line.split()[0]: line.split()[-4:] for line in by_position if line.startswith(("[0,", ">=", "all"))}
+    assert rows["[0,"] == ["4", "2.0000", "2.0000", "+0.0000"]  # positions 0-1 of both documents
+    assert rows[">="] == ["2", "2.0000", "1.0000", "-1.0000"]  # positions 2-3 of the first
+    assert rows["all"] == ["6", "2.0000", "1.6667", "-0.3333"]

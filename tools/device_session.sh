@@ -2,7 +2,7 @@
 # Benchmarks on a lent GPU machine, as recorded in docs/benchmarks.md.
 #   bash tools/device_session.sh STAGE...   (stages: setup data8192 data1024 kernels speed evalsmoke profile
 #                                            record quantstudy baseline evals lora lorap lorasweep
-#                                            profileeval parity loraparity submit2 evalparity)
+#                                            loratime lorabench loradump profileeval parity loraparity submit2 evalparity)
 # Expects (made by tools/prepare_carry.sh), carried with the working tree: .whl/ (brotli, zstandard wheels)
 # and .carry/ (proxy/*.jsonl.{gz,xz}, tok/*.model, val1024/ and val8192/ FineWeb eval shards).
 # Every log goes to $OUT (or ./device_out); each stage has its own time limit.
@@ -43,20 +43,22 @@ stage_kernels() {
 }
 
 # Trainer variants side by side: `golf train --preset record`, SPEED_WALL seconds each, recurrence on
-# halfway. SPEED_VARIANTS holds name:compile_scope:attn_backend triples.
+# halfway. SPEED_VARIANTS holds name:key=value,key=value entries (config overrides; none = the preset).
 stage_speed() {
-  timeout 120 python3 tools/bench_attention.py 2>&1 | tee "$OUT/attention.log"
   local logs=()
-  for v in ${SPEED_VARIANTS:-blocks_sdpa:blocks:sdpa blocks_cudnn:blocks:cudnn model_cudnn:model:cudnn}; do
-    IFS=: read -r name scope attn <<< "$v"
+  for v in ${SPEED_VARIANTS:-preset: bf16stream:stream_dtype=bfloat16}; do
+    local name=${v%%:*} sets=() kv
+    IFS=, read -ra kvs <<< "${v#*:}"
+    for kv in "${kvs[@]}"; do sets+=(--set "$kv"); done
     timeout 300 python3 -m golf train --preset record --set data_path=$DATA/sp8192 --set tokenizer_path=$TOK8 \
       --set max_wallclock_seconds=${SPEED_WALL:-60} --set gptq_reserve_seconds=0 --set loop_enable_frac=0.5 \
-      --set train_log_every=5 --set compile_scope=$scope --set attn_backend=$attn --set out_dir=/tmp/speed_$name \
-      > "$OUT/speed_$name.log" 2>&1
+      --set train_log_every=5 --set out_dir=/tmp/speed_$name "${sets[@]}" > "$OUT/speed_$name.log" 2>&1
     tail -2 "$OUT/speed_$name.log"
     logs+=("$OUT/speed_$name.log")
   done
   python3 tools/train_rates.py "${logs[@]}" | tee "$OUT/speed.txt"
+  # Same seed and data: how far each variant's losses drift from the first one's, step by step.
+  for log in "${logs[@]:1}"; do python3 tools/loss_parity.py "${logs[0]}" "$log" | tail -n 1 | tee -a "$OUT/speed.txt"; done
 }
 
 run_preset() {  # run_preset PRESET VOCAB TOKENIZER EXTRA_SET...
@@ -95,7 +97,9 @@ val8192() {  # the FineWeb eval shard where the evaluations look for it (data819
   mkdir -p $DATA/sp8192
   [ -e $DATA/sp8192/fineweb_val_000000.bin ] || cp .carry/val8192/fineweb_val_000000.bin $DATA/sp8192/
 }
-EVAL=(python3 -m golf eval "$ART" --data $DATA/sp8192 --tokenizer $TOK8 --json)
+# The artifact's stored run config sets the eval defaults; EVAL_SETS ("key=value ...") overrides them.
+EVAL_OVERRIDES=(); for kv in ${EVAL_SETS:-}; do EVAL_OVERRIDES+=(--set "$kv"); done
+EVAL=(python3 -m golf eval "$ART" --data $DATA/sp8192 --tokenizer $TOK8 --json "${EVAL_OVERRIDES[@]}")
 stage_evals() {  # evaluations of the carried record artifact: sliding, SGD-TTT, size, codecs
   val8192
   timeout 120 "${EVAL[@]}" --sliding --ttt none 2> >(tail -n 3 >&2) | tee "$OUT/eval_sliding.json"
@@ -103,25 +107,55 @@ stage_evals() {  # evaluations of the carried record artifact: sliding, SGD-TTT,
   python3 -m golf size-check "$ART" | tee "$OUT/size_check.txt"
   timeout 60 python3 tools/bench_codecs.py "$ART" | tee "$OUT/codecs.txt"
 }
-stage_lora() {  # per-document LoRA TTT on the carried record artifact
+stage_lora() {  # per-document LoRA TTT on the carried record artifact; dynamo's recompiles counted
   val8192
-  timeout ${LORA_LIMIT:-170} "${EVAL[@]}" --ttt lora 2> >(tail -n 3 >&2) | tee "$OUT/eval_lora.json"
+  TORCH_LOGS=recompiles timeout ${LORA_LIMIT:-170} "${EVAL[@]}" --ttt lora 2>"$OUT/eval_lora.err" \
+    | tee "$OUT/eval_lora.json"
+  tail -n 2 "$OUT/eval_lora.err"; echo "recompiles: $(grep -c 'Recompiling function' "$OUT/eval_lora.err")"
+}
+stage_loratime() {  # steady-state eval time on the 200 documents ×REP_TIMES, shuffled: sliding (REP_SLIDING=1) and LoRA
+  val8192
+  local rep=$DATA/rep${REP_TIMES:-3} args
+  [ -e $rep/fineweb_val_000000.bin ] || python3 tools/replicate_val.py $DATA/sp8192 $rep --times ${REP_TIMES:-3}
+  args=(eval "$ART" --data $rep --tokenizer $TOK8 --json "${EVAL_OVERRIDES[@]}")
+  [ "${REP_SLIDING:-1}" = 1 ] && timeout 150 python3 -m golf "${args[@]}" --sliding --ttt none 2> >(tail -n 2 >&2) \
+    | tee "$OUT/rep_sliding.json"
+  timeout ${LORA_LIMIT:-170} python3 -m golf "${args[@]}" --ttt lora 2> >(tail -n 2 >&2) | tee "$OUT/rep_lora.json"
 }
 stage_lorasweep() {  # LoRA learning rates and compile overhead on the first SWEEP_TOKENS tokens, warm
   val8192
   timeout 400 python3 tools/lora_sweep.py "$ART" --data $DATA/sp8192 --tokenizer $TOK8 \
     --max-tokens ${SWEEP_TOKENS:-60000} --lr 0 1e-4 3e-4 1e-3 2>&1 | grep -v Warning | tee "$OUT/lora_sweep.txt"
 }
-stage_loraparity() {  # LoRA TTT on the first 60,000 tokens: one GPU vs two ranks (torchrun)
+stage_loraparity() {  # LoRA TTT, plain and phased, on the first PARITY_TOKENS tokens: one GPU vs two ranks
   val8192
-  local args=(eval "$ART" --data $DATA/sp8192 --tokenizer $TOK8 --json --ttt lora --max-tokens 60000)
-  CUDA_VISIBLE_DEVICES=0 timeout 200 python3 -m golf "${args[@]}" 2>/dev/null | tee "$OUT/lora_1gpu.json"
-  timeout 200 torchrun --standalone --nproc_per_node=2 -m golf "${args[@]}" 2>/dev/null | tee "$OUT/lora_2gpu.json"
+  local args=(eval "$ART" --data $DATA/sp8192 --tokenizer $TOK8 --json --ttt lora
+              --max-tokens ${PARITY_TOKENS:-40000} "${EVAL_OVERRIDES[@]}")
+  local phased=(--set lora_phases=2 --set lora_phase_docs=${PARITY_PHASE_DOCS:-8})
+  CUDA_VISIBLE_DEVICES=0 timeout 150 python3 -m golf "${args[@]}" 2>/dev/null | tee "$OUT/lora_1gpu.json"
+  timeout 150 torchrun --standalone --nproc_per_node=2 -m golf "${args[@]}" 2>/dev/null | tee "$OUT/lora_2gpu.json"
+  CUDA_VISIBLE_DEVICES=0 timeout 150 python3 -m golf "${args[@]}" "${phased[@]}" 2>/dev/null \
+    | tee "$OUT/lorap_1gpu.json"
+  timeout 150 torchrun --standalone --nproc_per_node=2 -m golf "${args[@]}" "${phased[@]}" 2>/dev/null \
+    | tee "$OUT/lorap_2gpu.json"
+}
+stage_lorabench() {  # one LoRA-TTT step in isolation, eager vs compiled, and its profile
+  timeout 240 python3 tools/lora_bench.py "$ART" --shapes 32x2048 32x512 4x2048 1x2048 2>&1 | grep -v Warning \
+    | tee "$OUT/lora_bench.txt"
+}
+stage_loradump() {  # every token's NLL on the first DUMP_TOKENS tokens: sliding, and LoRA at each of DUMP_LRS
+  val8192
+  local args=("${EVAL[@]}" --max-tokens ${DUMP_TOKENS:-100000})
+  timeout 60 "${args[@]}" --sliding --ttt none --dump-nll "$OUT/nll_sliding.npy" 2>/dev/null | tee "$OUT/dump_sliding.json"
+  for lr in ${DUMP_LRS:-3e-4 1e-4}; do
+    timeout ${LORA_LIMIT:-150} "${args[@]}" --ttt lora --set lora_lr=$lr --dump-nll "$OUT/nll_lora_$lr.npy" 2>/dev/null \
+      | tee "$OUT/dump_lora_$lr.json"
+  done
 }
 stage_profileeval() {  # where LoRA TTT's time goes (warm, profiled)
   val8192
   timeout 300 python3 tools/profile_eval.py "$ART" --data $DATA/sp8192 --tokenizer $TOK8 --ttt lora \
-    --max-tokens 20000 2>&1 | grep -v Warning | tee "$OUT/profile_eval.txt"
+    --max-tokens 5000 "${EVAL_OVERRIDES[@]}" 2>&1 | grep -v Warning | tee "$OUT/profile_eval.txt"
 }
 stage_lorap() {  # the same with phased global SGD, scaled to the 200 documents: pauses after 33, 67, 100
   val8192
