@@ -30,6 +30,10 @@ Notable:
   TTT works on a deep copy: the caller's model is never modified.
 - Distributed: each rank scores a contiguous range of windows (or documents); float64 sums are
   all-reduced, so N ranks give what one process gives (up to summation order).
+- Speed (CUDA, `eval_compile`): compiled blocks with dynamic shapes and dynamo's duck shaping off;
+  widths round up to a multiple of 64 and a lone row runs as two, so an evaluation compiles a
+  handful of graphs; batch indices come from the CPU plan and are copied without blocking, so the
+  scoring loop never waits on the GPU.
 - no_grad rather than inference_mode: the model caches rotary tables, and tables created in
   inference mode would make the same model untrainable afterwards (mid-training eval, TTT).
 - `assert_causal` is the executable legality check: change every token after p, re-evaluate, and
