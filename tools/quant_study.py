@@ -25,8 +25,12 @@ from golf.model import GPT
 from golf.pack import pack_bytes
 from golf.quant import calibration_batches, collect_hessians, dequantize_state, fit_to_budget, quantize_state
 
-DEFAULT_VARIANTS = ["preset=", "preset_fit=fit", "embed7_fit=embed_bits:7,fit",
-                    "embed7_lqer_fit=embed_bits:7,lqer_rank:4,fit"]
+# Session 2 measured preset, preset_fit, int7 embedding and LQER (docs/benchmarks.md); next: spend
+# fewer bytes on the embedding (the records' int8 k 20) or the MLP (int5) so attention and MLP
+# need less of the fitter's wider clip.
+DEFAULT_VARIANTS = ["preset=", "preset_fit=fit", "embk20_fit=clip_k_embed:20,fit",
+                    "embk24_fit=clip_k_embed:24,fit", "mlp5_fit=mlp_bits:5,clip_k_mlp:8,fit",
+                    "mlp5_attn7_fit=mlp_bits:5,clip_k_mlp:8,attn_bits:7,clip_k_attn:14,fit"]
 
 
 def parse_variant(spec: str) -> tuple[str, dict[str, str], bool]:
