@@ -771,6 +771,14 @@ def eval_artifact(artifact: str | Path, data: str | None = None, tokenizer: str 
     log(f"eval: {artifact}, {len(files)} shard(s), {tokens.numel()} tokens, "
         f"seq_len {cfg.eval.eval_seq_len}, stride {cfg.eval.eval_stride}, ttt {cfg.ttt.ttt_mode}, "
         f"world {info.world_size}")
+    # The artifact's stored settings win unless overridden: say which ones this run uses.
+    t = cfg.ttt
+    detail = {"sgd": f"ttt_lr {t.ttt_lr:g}, ttt_chunk_tokens {t.ttt_chunk_tokens}, ttt_epochs {t.ttt_epochs}",
+              "lora": f"lora_lr {t.lora_lr:g}, lora_rank {t.lora_rank}, lora_chunk_tokens {t.lora_chunk_tokens}, "
+                      f"lora_slots {t.lora_slots}, lora_phases {t.lora_phases}",
+              "none": "no TTT"}[t.ttt_mode]
+    log(f"eval settings (stored in the artifact unless overridden): eval_compile {cfg.eval.eval_compile}, "
+        f"eval_batch_seqs {cfg.eval.eval_batch_seqs}, {detail}")
     result = evaluate(model, tokens, table, cfg.eval, cfg.ttt, dump_nll=dump_nll, log=log,
                       overwrite=overwrite)
     return result, cfg
