@@ -99,7 +99,8 @@ val8192() {  # the FineWeb eval shard where the evaluations look for it (data819
 }
 # The artifact's stored run config sets the eval defaults; EVAL_SETS ("key=value ...") overrides them.
 EVAL_OVERRIDES=(); for kv in ${EVAL_SETS:-}; do EVAL_OVERRIDES+=(--set "$kv"); done
-EVAL=(python3 -m golf eval "$ART" --data $DATA/sp8192 --tokenizer $TOK8 --json "${EVAL_OVERRIDES[@]}")
+EVAL_ARGS=(eval "$ART" --tokenizer $TOK8 --json "${EVAL_OVERRIDES[@]}")  # after `python3 -m golf` or torchrun
+EVAL=(python3 -m golf "${EVAL_ARGS[@]}" --data $DATA/sp8192)
 stage_evals() {  # evaluations of the carried record artifact: sliding, SGD-TTT, size, codecs
   val8192
   timeout 120 "${EVAL[@]}" --sliding --ttt none 2> >(tail -n 3 >&2) | tee "$OUT/eval_sliding.json"
@@ -115,9 +116,9 @@ stage_lora() {  # per-document LoRA TTT on the carried record artifact; dynamo's
 }
 stage_loratime() {  # steady-state eval time on the 200 documents ×REP_TIMES, shuffled: sliding (REP_SLIDING=1) and LoRA
   val8192
-  local rep=$DATA/rep${REP_TIMES:-3} args
+  local rep=$DATA/rep${REP_TIMES:-3}
   [ -e $rep/fineweb_val_000000.bin ] || python3 tools/replicate_val.py $DATA/sp8192 $rep --times ${REP_TIMES:-3}
-  args=(eval "$ART" --data $rep --tokenizer $TOK8 --json "${EVAL_OVERRIDES[@]}")
+  local args=("${EVAL_ARGS[@]}" --data $rep)
   [ "${REP_SLIDING:-1}" = 1 ] && timeout 150 python3 -m golf "${args[@]}" --sliding --ttt none 2> >(tail -n 2 >&2) \
     | tee "$OUT/rep_sliding.json"
   timeout ${LORA_LIMIT:-170} python3 -m golf "${args[@]}" --ttt lora 2> >(tail -n 2 >&2) | tee "$OUT/rep_lora.json"
@@ -129,8 +130,7 @@ stage_lorasweep() {  # LoRA learning rates and compile overhead on the first SWE
 }
 stage_loraparity() {  # LoRA TTT, plain and phased, on the first PARITY_TOKENS tokens: one GPU vs two ranks
   val8192
-  local args=(eval "$ART" --data $DATA/sp8192 --tokenizer $TOK8 --json --ttt lora
-              --max-tokens ${PARITY_TOKENS:-40000} "${EVAL_OVERRIDES[@]}")
+  local args=("${EVAL_ARGS[@]}" --data $DATA/sp8192 --ttt lora --max-tokens ${PARITY_TOKENS:-40000})
   local phased=(--set lora_phases=2 --set lora_phase_docs=${PARITY_PHASE_DOCS:-8})
   CUDA_VISIBLE_DEVICES=0 timeout 150 python3 -m golf "${args[@]}" 2>/dev/null | tee "$OUT/lora_1gpu.json"
   timeout 150 torchrun --standalone --nproc_per_node=2 -m golf "${args[@]}" 2>/dev/null | tee "$OUT/lora_2gpu.json"
