@@ -17,6 +17,7 @@ import torch
 from torch.fx.experimental import _config as fx_config
 from torch.profiler import ProfilerActivity, profile
 
+from golf.config import GolfError
 from golf.eval import _eval_window_nll, _EvalLoraBank, load_artifact_model
 
 
@@ -98,4 +99,7 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except (GolfError, OSError, ValueError) as err:  # a bad input: one line, not a traceback
+        sys.exit(f"lora_bench: {err}")

@@ -11,8 +11,8 @@ import argparse
 import sys
 
 import numpy as np
-import torch
 
+from golf.config import GolfError
 from golf.data import list_shards, load_val_tokens
 from golf.eval import _eval_doc_spans
 
@@ -54,4 +54,7 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except (GolfError, OSError, ValueError) as err:  # a bad input: one line, not a traceback
+        sys.exit(f"nll_compare: {err}")

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from golf.config import GolfError
 from golf.data import BOS_ID, list_shards, load_val_tokens, write_shard
 
 
@@ -38,4 +39,7 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except (GolfError, OSError, ValueError) as err:  # a bad input: one line, not a traceback
+        sys.exit(f"replicate_val: {err}")
