@@ -11,7 +11,8 @@ Notable:
 - Docstrings are dropped and `ast.unparse` normalizes the code (comments go too; one banner
   comment per module is kept): that is `train_gpt_readable.py`. `train_gpt.py` is the counted
   file: a stdlib-only self-extracting wrapper, `exec(compile(lzma.decompress(b85decode(...))))`,
-  whose codec settings are the smallest of a small search.
+  whose codec settings are the smallest of a small search; it also puts the decoded source in
+  `linecache`, where Triton's `@jit` (golf.kernels) reads a kernel's source.
 - `verify_bundle` proves that the wrapper decodes to exactly the readable bytes, that the
   readable source compiles and imports nothing from golf; `bundle` runs it before returning.
 - The embedded config never reads the environment of the machine that bundles: env overrides
@@ -24,6 +25,7 @@ import ast
 import base64
 import dataclasses
 import hashlib
+import importlib.util
 import lzma
 import os
 import pprint
@@ -35,7 +37,8 @@ from pathlib import Path
 
 from golf.config import Config, GolfError
 
-BUNDLE_MODULES = ("config", "dist", "data", "model", "optim", "train", "quant", "pack", "eval", "run")
+BUNDLE_MODULES = ("config", "dist", "data", "kernels.softcap_ce", "model", "optim", "train", "quant", "pack",
+                  "eval", "run")
 WRAPPER_NAME = "train_gpt.py"
 READABLE_NAME = "train_gpt_readable.py"
 ENTRY_POINT = "run_from_env"
@@ -59,10 +62,12 @@ class BundleInfo:
 def read_package_sources(package_dir: str | Path | None = None,
                          modules: tuple[str, ...] = BUNDLE_MODULES) -> dict[str, str]:
     """Source text of the bundled modules, read from the installed package (or `package_dir`)."""
-    root = Path(package_dir) if package_dir is not None else Path(__file__).resolve().parent
     sources = {}
     for name in modules:
-        path = root / f"{name}.py"
+        if package_dir is not None:
+            path = Path(package_dir, *name.split(".")).with_suffix(".py")
+        else:  # golf.kernels maps to the top-level kernels/ folder (pyproject's package-dir)
+            path = Path(importlib.util.find_spec(f"golf.{name}").origin)
         try:
             sources[name] = path.read_text(encoding="utf-8")
         except OSError as exc:
@@ -274,7 +279,11 @@ def _bdl_candidates(data: bytes):
 
 
 def _bdl_wrapper(decode_expr: str) -> bytes:
-    return f'import lzma,base64;exec(compile({decode_expr},"{WRAPPER_NAME}","exec"))'.encode()
+    # The decoded source is registered in linecache under the wrapper's name: code that reads its
+    # own source (inspect, Triton's @jit) would otherwise find the one-line wrapper on disk.
+    n = WRAPPER_NAME
+    return (f'import lzma,base64,linecache;s={decode_expr}.decode();'
+            f'linecache.cache["{n}"]=(len(s),None,s.splitlines(True),"{n}");exec(compile(s,"{n}","exec"))').encode()
 
 
 def wrap_source(readable: bytes) -> tuple[bytes, str]:
@@ -288,27 +297,25 @@ def wrap_source(readable: bytes) -> tuple[bytes, str]:
 
 
 def decode_wrapper(wrapper: bytes, label: str) -> bytes:
-    """The bytes a wrapper hands to compile(), found by evaluating its own decode expression."""
+    """The bytes a wrapper hands to compile(), found by evaluating its own decode expression.
+
+    The wrapper must be exactly `_bdl_wrapper` around one decode expression, and only that
+    expression is evaluated (lzma and base64 in scope, no builtins)."""
     try:
-        tree = ast.parse(wrapper, filename=label)
-    except SyntaxError as exc:
-        raise BundleError(f"{label}: not valid Python ({exc.msg})") from None
+        text = wrapper.decode("ascii")
+        tree = ast.parse(text, filename=label)
+    except (UnicodeDecodeError, SyntaxError):
+        raise BundleError(f"{label}: not valid Python source") from None
     body = tree.body
-    ok = (len(body) == 2 and isinstance(body[0], ast.Import)
-          and sorted(a.name for a in body[0].names) == ["base64", "lzma"]
-          and isinstance(body[1], ast.Expr) and isinstance(body[1].value, ast.Call)
-          and isinstance(body[1].value.func, ast.Name) and body[1].value.func.id == "exec"
-          and len(body[1].value.args) == 1)
-    inner = body[1].value.args[0] if ok else None
-    ok = ok and (isinstance(inner, ast.Call) and isinstance(inner.func, ast.Name)
-                 and inner.func.id == "compile" and len(inner.args) == 3
-                 and all(isinstance(a, ast.Constant) for a in inner.args[1:])
-                 and inner.args[2].value == "exec")
-    if not ok:
-        raise BundleError(f"{label}: not a golf wrapper (import lzma,base64;exec(compile(...)))")
-    expr = ast.Expression(inner.args[0])
+    decode_call = body[1].value if len(body) == 4 and isinstance(body[1], ast.Assign) else None
+    inner = (decode_call.func.value if isinstance(decode_call, ast.Call)
+             and isinstance(decode_call.func, ast.Attribute) else None)
+    segment = ast.get_source_segment(text, inner) if inner is not None else None
+    if segment is None or wrapper != _bdl_wrapper(segment):
+        raise BundleError(f"{label}: not a golf wrapper (import lzma,base64,linecache;s=...;exec(compile(s,...)))")
     try:
-        out = eval(compile(expr, label, "eval"), {"lzma": lzma, "base64": base64, "__builtins__": {}})
+        out = eval(compile(ast.Expression(inner), label, "eval"), {"lzma": lzma, "base64": base64,
+                                                                   "__builtins__": {}})
     except (ValueError, lzma.LZMAError, TypeError, NameError, AttributeError) as exc:
         raise BundleError(f"{label}: the embedded payload does not decode ({exc})") from None
     if not isinstance(out, bytes):

@@ -234,7 +234,15 @@ def quantize_cmd(
     from golf.data import file_sha256, load_tokenizer
     from golf.model import GPT
     from golf.pack import ArtifactError, pack_bytes, write_artifact
-    from golf.quant import QuantError, calibration_batches, collect_hessians, fit_to_budget, quantize_state
+    from golf.quant import (
+        QuantError,
+        calibration_batches,
+        collect_fisher,
+        collect_hessians,
+        fisher_clip_k,
+        fit_to_budget,
+        quantize_state,
+    )
 
     if Path(out).exists():
         raise ArtifactError(f"{out} already exists; refusing to overwrite it")
@@ -262,26 +270,30 @@ def quantize_cmd(
                       "vocab_size": cfg.model.vocab_size}
     code_bytes = Path(code).stat().st_size if code else 0
     q, t = cfg.quant, cfg.train
-    hessians = None
-    if q.gptq:
+    hessians = fisher = None
+    if q.gptq or q.clip_alloc == "fisher":
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         model.to(device)
-        batches = calibration_batches(cfg, device)
         amp = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"
                              and t.amp_dtype == "bfloat16")
         with amp:
-            hessians = collect_hessians(model, batches, device)
-        typer.echo(f"calibrated {len(hessians)} Hessians on {q.gptq_calib_batches} x {q.gptq_calib_seqs} "
-                   f"training windows of {t.train_seq_len}")
+            if q.gptq:
+                hessians = collect_hessians(model, calibration_batches(cfg, device), device)
+                typer.echo(f"calibrated {len(hessians)} Hessians on {q.gptq_calib_batches} x "
+                           f"{q.gptq_calib_seqs} training windows of {t.train_seq_len}")
+            if q.clip_alloc == "fisher":
+                fisher = collect_fisher(model, calibration_batches(cfg, device), q.fisher_seqs, device)
+                typer.echo(f"Fisher of {len(fisher)} matrices from {q.fisher_seqs} training windows")
     if fit:
         qs, blob, changes = fit_to_budget(state, hessians, q, cfg.model, tokenizer_meta, code_bytes,
-                                          run_config=cfg.to_dict())
+                                          run_config=cfg.to_dict(), fisher=fisher)
         for rung, size in qs.stats.fit_attempts:
             typer.echo(f"fit attempt: {size:,} bytes with {rung}")
         for change in changes:
             typer.echo(f"fit: {change}")
     else:
-        qs = quantize_state(state, q, hessians)
+        clip_k = fisher_clip_k(state, fisher, q) if fisher else None
+        qs = quantize_state(state, q, hessians, clip_k=clip_k)
         blob = pack_bytes(qs, cfg.model, tokenizer_meta, q, run_config=cfg.to_dict())
     write_artifact(out, blob)
     typer.echo(qs.stats.summary())

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 ATTN_BACKENDS = ("auto", "fa3", "fa2", "sdpa")
+COMPILE_MODES = ("default", "max-autotune-no-cudagraphs")
 
 
 class GolfError(Exception):
@@ -74,6 +75,8 @@ class ModelConfig:
     # float32 | bfloat16: the residual stream's dtype under autocast; bf16 halves the memory
     # traffic of the elementwise work between matmuls (the April-2026 records' bf16 model)
     stream_dtype: str = "float32"
+    # training loss through golf.kernels.softcap_ce (Triton on CUDA, the torch reference elsewhere)
+    fused_ce: bool = False
 
 
 @dataclass
@@ -111,6 +114,8 @@ class TrainConfig:
     compile: bool = True
     profile_step: int = 0  # > 0: profile this timed step on rank 0 and log its top CUDA kernels
     compile_scope: str = "blocks"  # blocks: each block and the head on their own (fast start) | model
+    # default | max-autotune-no-cudagraphs (Triton matmul templates with fused epilogues; slower start)
+    compile_mode: str = "default"
     amp_dtype: str = "bfloat16"  # bfloat16 | float32
     out_dir: str = "runs/latest"
     checkpoint_every_seconds: float = 0.0  # 0 = only on SIGTERM
@@ -138,6 +143,9 @@ class QuantConfig:
     lqer_tensors: int = 3
     lqer_bits: int = 4
     codec: str = "auto"  # auto | brotli | lzma | zstd
+    clip_alloc: str = "class"  # class: each class's clip k | fisher: per-tensor k from the calibration Fisher
+    fisher_seqs: int = 32  # training windows (one backward each) behind the Fisher
+    fit_mode: str = "ladder"  # ladder: clip k +1 steps, then bits | scale: one k factor searched to the target
     size_cap_bytes: int = 16_000_000
     size_margin_bytes: int = 2_000
 
@@ -254,6 +262,7 @@ class Config:
         _check(0.0 <= t.ema_decay < 1.0, "ema_decay must be in [0, 1)")
         _check(t.muon_coeffs in ("classic", "polar"), "muon_coeffs must be classic or polar")
         _check(t.compile_scope in ("blocks", "model"), "compile_scope must be blocks or model")
+        _check(t.compile_mode in COMPILE_MODES, f"compile_mode must be {'|'.join(COMPILE_MODES)}")
         _check(t.amp_dtype in ("bfloat16", "float32"), "amp_dtype must be bfloat16 or float32")
         for name in ("attn_bits", "mlp_bits", "embed_bits", "other_bits"):
             _check(2 <= getattr(q, name) <= 8, f"{name} must be in [2, 8]")
@@ -261,6 +270,9 @@ class Config:
             _check(getattr(q, name) > 0, f"{name} must be > 0")
         _check(q.gptq_block_size >= 1, "gptq_block_size must be >= 1")
         _check(q.codec in ("auto", "brotli", "lzma", "zstd"), "codec must be auto|brotli|lzma|zstd")
+        _check(q.clip_alloc in ("class", "fisher"), "clip_alloc must be class|fisher")
+        _check(q.fisher_seqs >= 1, "fisher_seqs must be >= 1")
+        _check(q.fit_mode in ("ladder", "scale"), "fit_mode must be ladder|scale")
         _check(q.lqer_rank >= 0 and 2 <= q.lqer_bits <= 8, "lqer_rank must be >= 0, lqer_bits in [2, 8]")
         _check(q.size_cap_bytes > 0 and 0 <= q.size_margin_bytes < q.size_cap_bytes,
                "size_cap_bytes must be > 0 and size_margin_bytes smaller than it")

@@ -31,6 +31,7 @@ from torch import Tensor, nn
 
 from golf.config import ATTN_BACKENDS, ConfigError, GolfError, ModelConfig
 from golf.data import BOS_ID
+from golf.kernels.softcap_ce import softcap_cross_entropy
 
 try:  # FlashAttention 3 (Hopper build)
     from flash_attn_interface import flash_attn_func as _fa3_attn_func
@@ -332,14 +333,15 @@ class GPT(nn.Module):
 
     # ------------------------------------------------------------------ regional compilation
 
-    def compile_blocks(self, enable: bool = True, dynamic: bool | None = False) -> None:
+    def compile_blocks(self, enable: bool = True, dynamic: bool | None = False, mode: str | None = None) -> None:
         """Compile each block, and the head with its loss, as separate regions (or go back to eager).
 
         Identical blocks share a graph (their weights are graph inputs), so the record model
         compiles a few small graphs (embedding; sequential and parallel blocks, each with and
         without a U-Net skip; head) instead of one unrolled graph per layer order, and switching
         depth recurrence on costs no compile.
-        Compiled regions bypass module hooks: switch it off before hooking modules (GPTQ)."""
+        Compiled regions bypass module hooks: switch it off before hooking modules (GPTQ).
+        `mode` is torch.compile's (training may ask for max-autotune; evaluation keeps the default)."""
         if not enable:
             self._compiled = None
             return
@@ -348,10 +350,10 @@ class GPT(nn.Module):
         # Functions, not per-module wrappers: one dynamo cache per code object, shared by all blocks,
         # and a deepcopy of the model (TTT) keeps calling them with its own blocks.
         self._compiled = {
-            "block": torch.compile(GPTBlock.forward, dynamic=dynamic),
-            "lanes": torch.compile(GPTBlock.forward_lanes, dynamic=dynamic),
-            "embed": torch.compile(GPT.embed, dynamic=dynamic),
-            "head_loss": torch.compile(GPT.head_loss, dynamic=dynamic),
+            "block": torch.compile(GPTBlock.forward, dynamic=dynamic, mode=mode),
+            "lanes": torch.compile(GPTBlock.forward_lanes, dynamic=dynamic, mode=mode),
+            "embed": torch.compile(GPT.embed, dynamic=dynamic, mode=mode),
+            "head_loss": torch.compile(GPT.head_loss, dynamic=dynamic, mode=mode),
         }
 
     @contextlib.contextmanager
@@ -436,8 +438,11 @@ class GPT(nn.Module):
 
     def loss(self, ids: Tensor, targets: Tensor) -> Tensor:
         """Mean token cross entropy in nats (float32)."""
+        h = self.hidden(ids)
+        if self.cfg.fused_ce:  # the Triton kernel on CUDA: no fp32 [N, V] logits in memory
+            return softcap_cross_entropy(self.lm_head(h), targets, self.cfg.logit_softcap)
         head_loss = GPT.head_loss if self._compiled is None else self._compiled["head_loss"]
-        return head_loss(self, self.hidden(ids), targets)
+        return head_loss(self, h, targets)
 
     # ------------------------------------------------------------------ accounting
 

@@ -23,9 +23,14 @@ Notable:
   ‖EX‖/‖WX‖ estimated as sqrt(tr(E H Eᵀ)/tr(W H Wᵀ)) with the calibration Hessian (relative
   Frobenius error when a tensor has none, i.e. H = I), get a rank-r SVD of E = W − Ŵ as A@B,
   A = U√S and B = √S Vᵀ, each quantized per row (absmax scale) at `lqer_bits`.
-- `fit_to_budget` walks a fixed ladder (config as is, clip k +1 ×4, then one bit less for MLP,
-  attention, other, embedding, repeated down to 4/4/4/6 bits) and returns the first rung whose
-  packed artifact fits; tensors whose settings did not change are not re-quantized.
+- Fisher allocation (`clip_alloc` "fisher"): `collect_fisher` takes per-sequence gradients on
+  training windows, `fisher_clip_k` gives each tensor the clip k at which its expected loss
+  increase per stored value is the same as every other tensor's, at the class config's size.
+- `fit_to_budget`, `fit_mode` "ladder": a fixed ladder (config as is, clip k +1 ×4, then one bit
+  less for MLP, attention, other, embedding, repeated down to 4/4/4/6 bits), the first rung whose
+  packed artifact fits. "scale": one factor on every k, searched to land just under the target
+  (refining k when there is room), then the ladder's bit rungs if it cannot fit. Tensors whose
+  settings did not change are not re-quantized.
 """
 
 from __future__ import annotations
@@ -48,6 +53,10 @@ GPTQ_RETRY_MIN_DAMP = 1e-3  # a configured damping of 0 cannot be multiplied up
 FP16_MAX = 65504.0
 FIT_K_STEP = 1.0  # clip k increase per fitter rung (attention, MLP, other)
 FIT_K_STEPS = 4
+FISHER_K_RANGE = 2.0  # fisher_clip_k keeps each tensor's k within ×/÷ this of its class k
+FIT_SCALE_RANGE = (-1.0, 2.0)  # the scale fitter's log2 range for every k: ×0.5 … ×4
+FIT_SCALE_TOLERANCE = 0.002  # the scale fitter stops within this fraction below the target
+FIT_SCALE_ITERS = 8
 FIT_BIT_FLOORS = (("mlp_bits", 4, "MLP", "clip_k_mlp"), ("attn_bits", 4, "attention", "clip_k_attn"),
                   ("other_bits", 4, "other", "clip_k_other"), ("embed_bits", 6, "embedding", "clip_k_embed"))
 
@@ -264,6 +273,72 @@ def collect_hessians(model: nn.Module, batches: Iterable[Tensor], device: torch.
     return {key: sums[key] / max(counts[key], 1) for key in sums}
 
 
+def collect_fisher(model: nn.Module, batches: Iterable[Tensor], max_seqs: int,
+                   device: torch.device | str | None = None) -> dict[str, Tensor]:
+    """Empirical Fisher per row: mean over sequences of Σ_col (∂L_seq/∂W)², for every 2-D parameter.
+
+    One backward per sequence of the TRAINING batches (next-token loss on the window's own
+    tokens), at most `max_seqs`: the Fisher needs per-sample gradients, and squaring a batch
+    mean would measure the mean gradient instead (large while a short run is still descending).
+    Keys are parameter names (a tied head counts under `tok_emb.weight`, both uses included);
+    runs under the caller's autocast on the uncompiled model; gradients are cleared after.
+    """
+    if device is None:
+        device = next(model.parameters()).device
+    params = {name: p for name, p in model.named_parameters() if p.dim() == 2 and p.requires_grad}
+    sums = {name: torch.zeros(p.shape[0], dtype=torch.float32, device=p.device) for name, p in params.items()}
+    was_training, seen = model.training, 0
+    model.eval()
+    try:
+        for ids in batches:
+            for row in ids.to(device, non_blocking=True):
+                if seen >= max_seqs:
+                    break
+                model.zero_grad(set_to_none=True)
+                model.loss(row[None, :-1], row[None, 1:]).backward()
+                for name, p in params.items():
+                    if p.grad is not None:
+                        sums[name] += p.grad.float().square().sum(dim=1)
+                seen += 1
+            if seen >= max_seqs:
+                break
+    finally:
+        model.zero_grad(set_to_none=True)
+        model.train(was_training)
+    if not seen:
+        raise QuantError("collect_fisher saw no calibration sequence (empty batches, or max_seqs 0?)")
+    return {name: total / seen for name, total in sums.items()}
+
+
+def fisher_clip_k(state: dict[str, Tensor], fisher: dict[str, Tensor], qcfg: QuantConfig) -> dict[str, float]:
+    """Per-tensor clip k from the Fisher: the same expected loss increase per stored value.
+
+    Rounding row r of tensor i with step Δ = k·std_r/q_max adds ≈ ½·F_r·Δ²/12 to the loss (F_r
+    the row's Fisher sum), and doubling k saves about one bit per value. At a fixed total of bits
+    the loss is smallest when every value costs the same (reverse water-filling):
+    k_i ∝ q_max·sqrt(n_i / Σ_r F_r·std_r²). The constant keeps Σ n_i·log k_i at the class
+    config's, so the predicted size stays where the class config puts it; each k is clamped to
+    [FISHER_K_RANGE⁻¹, FISHER_K_RANGE]× its class k. Tensors without a Fisher keep the class k.
+    """
+    log_k, log_ref, numel = {}, {}, {}
+    for name, aliases in quant_alias_groups(state).items():
+        t = state[name]
+        f = next((fisher[n] for n in (name, *aliases) if n in fisher), None)
+        if f is None or not is_quantized_tensor(t, qcfg):
+            continue
+        bits, k = class_bits_k(qcfg, quant_class(name))
+        sensitivity = float((f.float().cpu() * t.detach().float().cpu().var(dim=1, unbiased=False)).sum())
+        if not (sensitivity > 0 and math.isfinite(sensitivity)):
+            continue
+        log_k[name] = math.log(2 ** (bits - 1) - 1) + 0.5 * math.log(t.numel() / sensitivity)
+        log_ref[name], numel[name] = math.log(k), t.numel()
+    if not log_k:
+        return {}
+    shift = sum(numel[n] * (log_ref[n] - log_k[n]) for n in log_k) / sum(numel.values())
+    bound = math.log(FISHER_K_RANGE)
+    return {n: math.exp(log_ref[n] + min(max(log_k[n] + shift - log_ref[n], -bound), bound)) for n in log_k}
+
+
 # ----------------------------------------------------------------------------- SDClip / GPTQ
 
 
@@ -415,11 +490,13 @@ def _quant_passthrough(name: str, t: Tensor, klass: str, aliases: list[str]) -> 
 
 
 def quantize_state(model_or_state_dict: nn.Module | dict[str, Tensor], qcfg: QuantConfig,
-                   hessians: dict[str, Tensor] | None = None, cache: dict | None = None) -> QuantizedState:
+                   hessians: dict[str, Tensor] | None = None, cache: dict | None = None,
+                   clip_k: dict[str, float] | None = None) -> QuantizedState:
     """Quantize every matrix of a model / state dict per `qcfg` (GPTQ where a Hessian exists).
 
     `cache` (any dict, reused across calls) keeps per-tensor results keyed by their settings,
     so a caller that varies the config (the fitter) only re-quantizes tensors that changed.
+    `clip_k` (stored name → k) overrides the class's clip k per tensor (`fisher_clip_k`, the fitter).
     """
     t0 = time.perf_counter()
     state = _quant_state_dict(model_or_state_dict)
@@ -435,6 +512,7 @@ def quantize_state(model_or_state_dict: nn.Module | dict[str, Tensor], qcfg: Qua
             records[name] = _quant_passthrough(name, t, klass, aliases)
             continue
         bits, k = class_bits_k(qcfg, klass)
+        k = (clip_k or {}).get(name, k)
         h = next((hessians[n] for n in (name, *aliases) if n in hessians), None) if qcfg.gptq else None
         key = (name, bits, k, h is not None, qcfg.gptq_block_size, qcfg.gptq_damp, qcfg.gptq_act_order)
         if key not in cache:
@@ -515,30 +593,96 @@ def fit_ladder(qcfg: QuantConfig) -> list[tuple[QuantConfig, list[str]]]:
 
 def fit_to_budget(state_dict: dict[str, Tensor], hessians: dict[str, Tensor] | None, qcfg: QuantConfig,
                   model_cfg: ModelConfig | dict, tokenizer_meta: dict, code_bytes: int,
-                  target: int | None = None, run_config: dict | None = None
-                  ) -> tuple[QuantizedState, bytes, list[str]]:
-    """Quantize + pack, walking `fit_ladder` until the artifact is <= target bytes.
+                  target: int | None = None, run_config: dict | None = None,
+                  fisher: dict[str, Tensor] | None = None) -> tuple[QuantizedState, bytes, list[str]]:
+    """Quantize + pack until the artifact is <= target bytes; returns the state, the artifact
+    bytes and the changes made to `qcfg` in words (empty when it fit as is).
 
-    target defaults to size_cap_bytes − size_margin_bytes − code_bytes. Returns the state, the
-    artifact bytes and the changes made to `qcfg` (empty when it fit as is). With codec "auto"
-    the per-stream codec choice of the first rung is reused for the later ones.
+    Clip k per tensor: the class's, or with `clip_alloc` "fisher" `fisher_clip_k` of `fisher`.
+    `fit_mode` "ladder" walks `fit_ladder`. "scale" multiplies every k by one factor 2^s and
+    searches s (secant steps inside a bracket) for the finest grid that fits within
+    FIT_SCALE_TOLERANCE below the target: it coarsens when over and refines when the config
+    leaves room; if even the coarsest factor does not fit, the ladder's bit rungs follow.
+    target defaults to size_cap_bytes − size_margin_bytes − code_bytes. With codec "auto" the
+    per-stream codec choice of the first attempt is reused for the later ones.
     """
     # golf.pack comes after golf.quant in the flow order; an in-function import is bundle-safe.
     from golf.pack import pack_with_stats
 
     if target is None:
         target = qcfg.size_cap_bytes - qcfg.size_margin_bytes - code_bytes
+    if qcfg.clip_alloc == "fisher" and not fisher:
+        raise QuantError("clip_alloc=fisher needs the calibration Fisher (collect_fisher)")
     cache: dict = {}
     codecs = None
     attempts: list[tuple[str, int]] = []
-    for rung_cfg, changes in fit_ladder(qcfg):
-        qs = quantize_state(state_dict, rung_cfg, hessians, cache=cache)
-        blob, pstats = pack_with_stats(qs, model_cfg, tokenizer_meta, rung_cfg, codecs=codecs,
-                                       run_config=run_config)
-        codecs = codecs or {s.name: s.codec for s in pstats.streams}
-        attempts.append(("; ".join(changes) or "config as is", len(blob)))
+
+    def attempt(cfg: QuantConfig, clip_k: dict[str, float], label: str) -> tuple[QuantizedState, bytes]:
+        nonlocal codecs
+        qs = quantize_state(state_dict, cfg, hessians, cache=cache, clip_k=clip_k)
+        blob, pstats = pack_with_stats(qs, model_cfg, tokenizer_meta, cfg, codecs=codecs, run_config=run_config)
+        codecs = codecs or {st.name: st.codec for st in pstats.streams}
+        attempts.append((label, len(blob)))
         qs.stats.fit_attempts = list(attempts)
+        return qs, blob
+
+    def tensor_k(cfg: QuantConfig) -> dict[str, float]:
+        return fisher_clip_k(state_dict, fisher, cfg) if cfg.clip_alloc == "fisher" else {}
+
+    rungs = fit_ladder(qcfg)
+    if qcfg.fit_mode == "scale":
+        found = _fit_scale(state_dict, qcfg, tensor_k(qcfg), target, attempt)
+        if found is not None:
+            return found
+        bits = lambda c: (c.mlp_bits, c.attn_bits, c.other_bits, c.embed_bits)  # noqa: E731
+        rungs = [(cfg, changes) for cfg, changes in rungs if bits(cfg) != bits(qcfg)]
+    for rung_cfg, changes in rungs:
+        qs, blob = attempt(rung_cfg, tensor_k(rung_cfg), "; ".join(changes) or "config as is")
         if len(blob) <= target:
             return qs, blob, list(changes)
     raise BudgetError(f"no rung of the fitter fits {target:,} bytes: the last "
                       f"({attempts[-1][0]}) packs to {attempts[-1][1]:,} bytes")
+
+
+def _fit_scale(state_dict: dict[str, Tensor], qcfg: QuantConfig, allocated: dict[str, float], target: int,
+               attempt) -> tuple[QuantizedState, bytes, list[str]] | None:
+    """The "scale" search of `fit_to_budget`: every k × 2^s; None when even the largest s is over."""
+    base = {}
+    for name in quant_alias_groups(state_dict):
+        if is_quantized_tensor(state_dict[name], qcfg):
+            base[name] = allocated.get(name, class_bits_k(qcfg, quant_class(name))[1])
+    values = sum(state_dict[n].numel() for n in base)
+    lo, hi = FIT_SCALE_RANGE
+    tolerance = int(target * FIT_SCALE_TOLERANCE)
+    aim = target - tolerance // 2
+    what = "Fisher-allocated clip k" if allocated else "clip k"
+    sizes: dict[float, int] = {}
+    best = None
+    s = 0.0
+    for _ in range(FIT_SCALE_ITERS):
+        label = f"{what} ×{2 ** s:.4f} for every tensor"
+        qs, blob = attempt(qcfg, {n: k * 2 ** s for n, k in base.items()}, label)
+        sizes[s] = len(blob)
+        if len(blob) <= target and (best is None or s < best[0]):
+            best = (s, qs, blob, label)
+        if target - tolerance <= len(blob) <= target:
+            break
+        over = [x for x, size in sizes.items() if size > target]
+        fits = [x for x, size in sizes.items() if size <= target]
+        if over and fits:  # bracketed: secant between its ends, kept off either end
+            a, b = max(over), min(fits)
+            nxt = a + (sizes[a] - aim) * (b - a) / (sizes[a] - sizes[b])
+            nxt = min(max(nxt, a + 0.1 * (b - a)), b - 0.1 * (b - a))
+        else:  # one side only: about one bit per value per doubling of k, or the measured slope
+            pts = sorted(sizes)
+            slope = ((sizes[pts[-1]] - sizes[pts[0]]) / (pts[-1] - pts[0]) if len(pts) > 1 else -values / 8)
+            nxt = min(max(s + (aim - len(blob)) / min(slope, -1.0), lo), hi)
+        nxt = round(nxt, 4)
+        if nxt in sizes:  # at the end of the range, or converged onto a point already packed
+            break
+        s = nxt
+    if best is None:
+        return None
+    _, qs, blob, label = best
+    changed = best[0] != 0.0 or bool(allocated)
+    return qs, blob, [label] if changed else []

@@ -30,7 +30,7 @@ from golf.data import byte_table, file_sha256, list_shards, load_tokenizer, load
 from golf.dist import all_reduce_sum, barrier, init_distributed, world
 from golf.eval import evaluate, load_artifact_model
 from golf.pack import write_artifact
-from golf.quant import calibration_batches, collect_hessians, fit_to_budget
+from golf.quant import calibration_batches, collect_fisher, collect_hessians, fit_to_budget
 from golf.train import train
 
 ARTIFACT_NAME = "final_model.golf"
@@ -91,8 +91,12 @@ def run_pipeline(cfg: Config, code_path: str | None = None, out_dir: str = ".",
            else torch.autocast("cpu", enabled=False))
     with amp:
         hessians = collect_hessians(model, calibration_batches(cfg, info.device, info.rank, info.world_size))
+        fisher = None
+        if cfg.quant.clip_alloc == "fisher":
+            share = -(-cfg.quant.fisher_seqs // info.world_size)
+            fisher = collect_fisher(model, calibration_batches(cfg, info.device, info.rank, info.world_size), share)
     if info.world_size > 1:
-        for h in hessians.values():
+        for h in [*hessians.values(), *(fisher or {}).values()]:
             all_reduce_sum(h).div_(info.world_size)
     gptq_time = time.perf_counter() - t_cal
     train_time = result.train_time_s + gptq_time
@@ -108,7 +112,7 @@ def run_pipeline(cfg: Config, code_path: str | None = None, out_dir: str = ".",
         # GPTQ runs where the Hessians live: on the GPU when there is one.
         state = {k: v.detach().float() for k, v in model.state_dict().items()}
         qs, blob, fit_changes = fit_to_budget(state, hessians, cfg.quant, cfg.model, tokenizer_meta,
-                                              code_bytes, run_config=cfg.to_dict())
+                                              code_bytes, run_config=cfg.to_dict(), fisher=fisher)
         write_artifact(artifact_path, blob)
         say(qs.stats.summary())
     barrier()

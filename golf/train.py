@@ -129,9 +129,11 @@ def train(cfg: Config, info: DistInfo | None = None, log: Callable[[str], None] 
     use_cuda = device.type == "cuda"
     amp = (torch.autocast("cuda", dtype=torch.bfloat16) if use_cuda and t.amp_dtype == "bfloat16"
            else torch.autocast("cpu", enabled=False))
+    mode = None if t.compile_mode == "default" else t.compile_mode
     if t.compile and t.compile_scope == "blocks":
-        model.compile_blocks(True)
-    loss_fn = torch.compile(model.loss, dynamic=False) if t.compile and t.compile_scope == "model" else model.loss
+        model.compile_blocks(True, mode=mode)
+    loss_fn = (torch.compile(model.loss, dynamic=False, mode=mode) if t.compile and t.compile_scope == "model"
+               else model.loss)
     ema = [p.detach().float().clone() for p in params] if t.ema_decay > 0 else None
     log(f"model: {model.num_params():,} params, attention backend {model.attn_backend_name}, "
         f"world {info.world_size}, grad_accum {accum} x {micro_seqs} seqs of {t.train_seq_len}")

@@ -157,7 +157,9 @@ def _fake_package(root: Path) -> Path:
     pkg = root / "pkg"
     pkg.mkdir()
     for name in BUNDLE_MODULES:
-        (pkg / f"{name}.py").write_text(f"{name.upper()}_LOADED = True\n")
+        path = pkg.joinpath(*name.split(".")).with_suffix(".py")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(f"{name.upper().replace('.', '_')}_LOADED = True\n")
     (pkg / "config.py").write_text((PACKAGE / "config.py").read_text())
     (pkg / "run.py").write_text(
         "import hashlib, json, os, sys\nfrom golf.config import Config\n\n\n"
@@ -175,8 +177,8 @@ def test_wrapper_decodes_exactly_runs_without_golf_and_refuses_clobbering(tmp_pa
     cfg = load_config("tiny", ["num_layers=5", "parallel_from=3"], environ={})
     info = bundle(cfg, out, package_dir=pkg)
     wrapper = (out / WRAPPER_NAME).read_bytes()
-    assert wrapper.startswith(b'import lzma,base64;exec(compile(lzma.decompress(base64.b85decode("')
-    assert wrapper.endswith(b'"train_gpt.py","exec"))')
+    assert wrapper.startswith(b'import lzma,base64,linecache;s=lzma.decompress(base64.b85decode("')
+    assert wrapper.endswith(b';exec(compile(s,"train_gpt.py","exec"))')
     assert info.code_bytes == len(wrapper) < info.readable_bytes == (out / READABLE_NAME).stat().st_size
     assert info.code_sha256 == hashlib.sha256(wrapper).hexdigest()
     readable = (out / READABLE_NAME).read_text()

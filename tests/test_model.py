@@ -168,6 +168,22 @@ def test_bf16_stream_under_autocast_only():
     torch.testing.assert_close(logits, model(ids), rtol=0.1, atol=0.15)
 
 
+@pytest.mark.parametrize("softcap", [30.0, 0.0])
+def test_fused_ce_loss_and_gradients_match_the_head_loss(softcap):
+    """`fused_ce` swaps the training loss for golf.kernels.softcap_ce (its torch reference on CPU)."""
+    results = []
+    for fused in (False, True):
+        model = perturbed(small_cfg(**ALL_ON, logit_softcap=softcap, fused_ce=fused), seed=4)
+        ids = torch.randint(0, model.cfg.vocab_size, (2, 16))
+        loss = model.loss(ids, torch.roll(ids, -1, 1))
+        loss.backward()
+        results.append((loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}))
+    (plain, plain_grads), (fused, fused_grads) = results
+    torch.testing.assert_close(fused, plain, rtol=1e-6, atol=1e-6)
+    for name, grad in plain_grads.items():
+        torch.testing.assert_close(fused_grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
 def test_causal_with_every_switch_on():
     cfg = small_cfg(**ALL_ON)
     model = perturbed(cfg, seed=1)

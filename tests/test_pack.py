@@ -36,7 +36,15 @@ from golf.pack import (
     unpack_bytes,
     write_artifact,
 )
-from golf.quant import BudgetError, collect_hessians, dequantize_state, fit_to_budget, quantize_state
+from golf.quant import (
+    BudgetError,
+    QuantError,
+    collect_fisher,
+    collect_hessians,
+    dequantize_state,
+    fit_to_budget,
+    quantize_state,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 TOKENIZER_META = {"sha256": "ab" * 32, "vocab_size": 512}
@@ -288,6 +296,40 @@ def test_fit_to_budget_shrinks_deterministically():
     floors = dataclasses.replace(qcfg, mlp_bits=4, attn_bits=4, other_bits=4, embed_bits=6)  # a short ladder
     with pytest.raises(BudgetError, match="no rung"):
         fit_to_budget(state, hessians, floors, cfg.model, TOKENIZER_META, 0, target=1000)
+
+
+@pytest.mark.parametrize("alloc", ["class", "fisher"])
+def test_scale_fitter_lands_just_under_the_target_from_either_side(alloc):
+    cfg = tiny()
+    cfg.model = dataclasses.replace(cfg.model, num_layers=2, num_loops=1, parallel_from=-1)
+    qcfg = dataclasses.replace(cfg.quant, passthrough_max_numel=1024, codec="zstd", fit_mode="scale",
+                               clip_alloc=alloc)
+    torch.manual_seed(0)
+    model = GPT(cfg.model)
+    _trained_like(model)
+    g = torch.Generator().manual_seed(1)
+    batches = [torch.randint(0, 512, (2, 32), generator=g) for _ in range(2)]
+    hessians = collect_hessians(model, batches)
+    fisher = collect_fisher(model, batches, max_seqs=4) if alloc == "fisher" else None
+    state = model.state_dict()
+    ladder_cfg = dataclasses.replace(qcfg, fit_mode="ladder")
+    as_is = len(pack_bytes(quantize_state(state, ladder_cfg, hessians), cfg.model, TOKENIZER_META, qcfg))
+    for target in (as_is - 4000, as_is + 4000):  # over: coarser k; room left: finer k
+        qs, blob, changes = fit_to_budget(state, hessians, qcfg, cfg.model, TOKENIZER_META, 0, target=target,
+                                          fisher=fisher)
+        assert target - 0.01 * target <= len(blob) <= target, (target, qs.stats.fit_attempts)
+        assert len(qs.stats.fit_attempts) <= 8 and changes[0].endswith("for every tensor")
+        factor = float(changes[0].split("×")[1].split()[0])
+        assert (factor > 1) == (target < as_is)
+        assert fit_to_budget(state, hessians, qcfg, cfg.model, TOKENIZER_META, 0, target=target,
+                             fisher=fisher)[1] == blob  # deterministic
+    if alloc == "class":  # the ladder's +1 steps stop further from the same target
+        ladder = fit_to_budget(state, hessians, ladder_cfg, cfg.model, TOKENIZER_META, 0, target=as_is - 4000)
+        scaled = fit_to_budget(state, hessians, qcfg, cfg.model, TOKENIZER_META, 0, target=as_is - 4000)
+        assert len(ladder[1]) <= len(scaled[1]) <= as_is - 4000
+    else:
+        with pytest.raises(QuantError, match="clip_alloc=fisher needs"):
+            fit_to_budget(state, hessians, qcfg, cfg.model, TOKENIZER_META, 0, target=as_is)
 
 
 def test_cli_budget_and_quantize(tmp_path, tiny_tokenizer):

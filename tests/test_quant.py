@@ -11,9 +11,12 @@ from torch import nn
 from golf.config import QuantConfig, tiny
 from golf.model import GPT
 from golf.quant import (
+    FISHER_K_RANGE,
     GPTQ_RETRIES,
+    collect_fisher,
     collect_hessians,
     dequantize_state,
+    fisher_clip_k,
     fit_ladder,
     gptq_quantize,
     quantize_state,
@@ -150,6 +153,52 @@ def test_collect_hessians_on_tiny_gpt_keys_and_tied_head():
     assert torch.allclose(hs["tok_emb.weight"], states.T @ states / states.shape[0], atol=1e-5)
     assert all(h.dtype == torch.float32 for h in hs.values())
     assert not any(mod._forward_hooks for mod in model.modules())
+
+
+def test_collect_fisher_is_the_mean_of_per_sequence_squared_gradients():
+    cfg = tiny().model
+    torch.manual_seed(0)
+    model = GPT(cfg)
+    g = torch.Generator().manual_seed(3)
+    batches = [torch.randint(0, cfg.vocab_size, (2, 17), generator=g) for _ in range(2)]
+    fisher = collect_fisher(model, batches, max_seqs=3)  # the first three windows, one backward each
+    matrices = {n: p for n, p in model.named_parameters() if p.dim() == 2}
+    assert set(fisher) == set(matrices) and "tok_emb.weight" in fisher  # the tied head counts once
+    expected = {n: torch.zeros(p.shape[0]) for n, p in matrices.items()}
+    for row in [*batches[0], batches[1][0]]:
+        model.zero_grad()
+        model.loss(row[None, :-1], row[None, 1:]).backward()
+        for n, p in matrices.items():
+            expected[n] += p.grad.square().sum(1) / 3
+    for n in matrices:
+        torch.testing.assert_close(fisher[n], expected[n], rtol=1e-4, atol=1e-12, msg=n)
+    model.zero_grad(set_to_none=True)
+    collect_fisher(model, batches, max_seqs=1)
+    assert all(p.grad is None for p in model.parameters()) and model.training
+
+
+def test_fisher_clip_k_equalizes_loss_per_value_at_the_class_size():
+    g = torch.Generator().manual_seed(0)
+    state = {"blocks.0.mlp.fc.weight": torch.randn(64, 32, generator=g),
+             "blocks.0.attn.c_q.weight": 3 * torch.randn(32, 32, generator=g),
+             "blocks.0.mlp.proj.weight": torch.randn(32, 64, generator=g)}
+    qcfg = QuantConfig(passthrough_max_numel=16, clip_k_mlp=10.0, clip_k_attn=12.0)
+    fisher = {"blocks.0.mlp.fc.weight": torch.full((64,), 2.0), "blocks.0.attn.c_q.weight": torch.full((32,), 0.5),
+              "blocks.0.mlp.proj.weight": torch.full((32,), 1.5)}
+    ks = fisher_clip_k(state, fisher, qcfg)
+    # Expected loss per value ∝ k²·Σ_r F_r·std_r² / (q_max²·n): the same for every tensor.
+    per_value = [ks[n] ** 2 * float((fisher[n] * w.var(dim=1, unbiased=False)).sum()) / w.numel()
+                 for n, w in state.items()]
+    assert max(per_value) / min(per_value) == pytest.approx(1.0, rel=1e-6)
+    numel = {n: w.numel() for n, w in state.items()}
+    ref = {"blocks.0.mlp.fc.weight": 10.0, "blocks.0.attn.c_q.weight": 12.0, "blocks.0.mlp.proj.weight": 10.0}
+    log_sum = lambda k: sum(numel[n] * torch.tensor(k[n]).log() for n in state)  # noqa: E731
+    assert float(log_sum(ks)) == pytest.approx(float(log_sum(ref)), rel=1e-6)  # the class config's size
+    fisher["blocks.0.attn.c_q.weight"] = torch.full((32,), 1e6)  # far more sensitive: clamped
+    ks = fisher_clip_k(state, fisher, qcfg)
+    assert ks["blocks.0.attn.c_q.weight"] == pytest.approx(12.0 / FISHER_K_RANGE)
+    del fisher["blocks.0.mlp.proj.weight"]
+    assert "blocks.0.mlp.proj.weight" not in fisher_clip_k(state, fisher, qcfg)  # keeps its class k
 
 
 def test_quantize_state_tiny_gpt_classes_tied_and_loadable():

@@ -23,14 +23,22 @@ from golf.data import byte_table, file_sha256, list_shards, load_tokenizer, load
 from golf.eval import evaluate
 from golf.model import GPT
 from golf.pack import pack_bytes
-from golf.quant import calibration_batches, collect_hessians, dequantize_state, fit_to_budget, quantize_state
+from golf.quant import (
+    calibration_batches,
+    collect_fisher,
+    collect_hessians,
+    dequantize_state,
+    fisher_clip_k,
+    fit_to_budget,
+    quantize_state,
+)
 
-# Session 2 measured preset, preset_fit, int7 embedding and LQER (docs/benchmarks.md); next: spend
-# fewer bytes on the embedding (the records' int8 k 20) or the MLP (int5) so attention and MLP
-# need less of the fitter's wider clip.
-DEFAULT_VARIANTS = ["preset=", "preset_fit=fit", "embk20_fit=clip_k_embed:20,fit",
-                    "embk24_fit=clip_k_embed:24,fit", "mlp5_fit=mlp_bits:5,clip_k_mlp:8,fit",
-                    "mlp5_attn7_fit=mlp_bits:5,clip_k_mlp:8,attn_bits:7,clip_k_attn:14,fit"]
+# Session 2 measured preset, preset_fit, int7 embedding and LQER (docs/benchmarks.md): the ladder's
+# clip k +1 steps land far under the target, and one k per class ignores how much each tensor
+# matters. Next: the scale fitter (lands just under the target) and the Fisher allocation.
+DEFAULT_VARIANTS = ["preset=", "preset_fit=fit", "scale_fit=fit_mode:scale,fit",
+                    "fisher=clip_alloc:fisher", "fisher_scale_fit=clip_alloc:fisher,fit_mode:scale,fit",
+                    "embk20_fisher_scale_fit=clip_k_embed:20,clip_alloc:fisher,fit_mode:scale,fit"]
 
 
 def parse_variant(spec: str) -> tuple[str, dict[str, str], bool]:
@@ -68,7 +76,10 @@ def main() -> int:
     t0 = time.perf_counter()
     with amp:
         hessians = collect_hessians(model, calibration_batches(cfg, device))
-    print(f"unquantized val_bpb {base:.6f}; {len(hessians)} Hessians in {time.perf_counter() - t0:.1f}s", flush=True)
+        t1 = time.perf_counter()
+        fisher = collect_fisher(model, calibration_batches(cfg, device), cfg.quant.fisher_seqs)
+    print(f"unquantized val_bpb {base:.6f}; {len(hessians)} Hessians in {t1 - t0:.1f}s, "
+          f"Fisher of {cfg.quant.fisher_seqs} windows in {time.perf_counter() - t1:.1f}s", flush=True)
     meta = {"sha256": file_sha256(cfg.data.tokenizer_path), "vocab_size": cfg.model.vocab_size}
     rows = []
     for spec in args.variant or DEFAULT_VARIANTS:
@@ -77,9 +88,10 @@ def main() -> int:
                                                                                       overrides.items()])
         t0 = time.perf_counter()
         if fit:
-            qs, blob, changes = fit_to_budget(state, hessians, vcfg.quant, vcfg.model, meta, 0)
+            qs, blob, changes = fit_to_budget(state, hessians, vcfg.quant, vcfg.model, meta, 0, fisher=fisher)
         else:
-            qs = quantize_state(state, vcfg.quant, hessians)
+            clip_k = fisher_clip_k(state, fisher, vcfg.quant) if vcfg.quant.clip_alloc == "fisher" else None
+            qs = quantize_state(state, vcfg.quant, hessians, clip_k=clip_k)
             blob, changes = pack_bytes(qs, vcfg.model, meta, vcfg.quant), []
         seconds = time.perf_counter() - t0
         qmodel = GPT(vcfg.model)
