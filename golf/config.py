@@ -170,6 +170,9 @@ class TTTConfig:
     lora_slots: int = 32  # documents adapted side by side (one batch row each)
     lora_lr: float = 3e-4  # best of 1e-4, 3e-4, 1e-3 on the proxy (docs/benchmarks.md); 3e-3 hurts
     lora_chunk_tokens: int = 48
+    # window of a LoRA step (context + chunk), at most eval_seq_len; 0 = eval_seq_len. A step's
+    # cost grows with it, and a long document's steps run at the full window
+    lora_context: int = 0
     lora_phases: int = 0  # phased global SGD pauses over already-scored docs; 0 = off
     lora_phase_docs: int = 2500
 
@@ -281,6 +284,7 @@ class Config:
         _check(ttt.ttt_mode in ("none", "sgd", "lora"), "ttt_mode must be none|sgd|lora")
         _check(ttt.ttt_chunk_tokens >= 1 and ttt.lora_chunk_tokens >= 1, "TTT chunk sizes must be >= 1")
         _check(ttt.lora_rank >= 1 and ttt.lora_slots >= 1, "lora_rank and lora_slots must be >= 1")
+        _check(ttt.lora_context >= 0, "lora_context must be >= 0 (0 = eval_seq_len)")
         return self
 
 

@@ -20,7 +20,7 @@ Notable:
   - `lora` (#1530/#1626): per document, LoRA on q/k/v/o, MLP fc/proj and the head (carried by
     the `CastedLinear`s themselves, bmm per document); the document is walked in
     `lora_chunk_tokens` chunks, the adapters reset per document; context is the document's own
-    prefix, at most eval_seq_len. One forward per chunk scores it and, after its NLL is recorded,
+    prefix, at most eval_seq_len (or `lora_context`). One forward per chunk scores it and, after its NLL is recorded,
     gives the loss of one Adam step: the same numbers a separate no_grad pass would give, at
     three quarters of the cost. Documents are batched with per-document adapters.
   - phased global SGD (`lora_phases` > 0): after lora_phase_docs·k/lora_phases documents
@@ -477,7 +477,8 @@ def _eval_lora_docs(run: _EvalRun, bank: _EvalLoraBank, docs: torch.Tensor) -> N
     chunk k+1 takes one Adam step on the mean NLL of chunk k. The loss is a sum over documents,
     so each adapter gets exactly its own document's gradient."""
     t = run.tcfg
-    plans = [_eval_doc_plan(int(d0), int(d1), t.lora_chunk_tokens, run.ecfg.eval_seq_len) for d0, d1 in docs]
+    context = min(t.lora_context or run.ecfg.eval_seq_len, run.ecfg.eval_seq_len)
+    plans = [_eval_doc_plan(int(d0), int(d1), t.lora_chunk_tokens, context) for d0, d1 in docs]
     queue = iter(range(len(plans)))
     doc_of: list[int | None] = [None] * bank.slots
     chunk_of = [0] * bank.slots
@@ -775,6 +776,7 @@ def eval_artifact(artifact: str | Path, data: str | None = None, tokenizer: str 
     t = cfg.ttt
     detail = {"sgd": f"ttt_lr {t.ttt_lr:g}, ttt_chunk_tokens {t.ttt_chunk_tokens}, ttt_epochs {t.ttt_epochs}",
               "lora": f"lora_lr {t.lora_lr:g}, lora_rank {t.lora_rank}, lora_chunk_tokens {t.lora_chunk_tokens}, "
+                      f"lora_context {t.lora_context or cfg.eval.eval_seq_len}, "
                       f"lora_slots {t.lora_slots}, lora_phases {t.lora_phases}",
               "none": "no TTT"}[t.ttt_mode]
     log(f"eval settings (stored in the artifact unless overridden): eval_compile {cfg.eval.eval_compile}, "

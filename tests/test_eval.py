@@ -203,6 +203,28 @@ def test_ttt_adapts_and_reduces_to_plain_scoring_at_zero_lr(tiny_eval, tmp_path)
     np.testing.assert_allclose(batched, single, atol=1e-4)
 
 
+def test_lora_context_limits_the_window_of_each_step(tiny_eval, tmp_path):
+    """At lr 0 the adapters stay zero, so LoRA scores each chunk from its document prefix: with
+    lora_context 64 (chunks of 32) the first 64 targets of a document keep the full window's NLL
+    and later ones see 32–64 tokens of context instead of up to 128."""
+    m, table, tokens = tiny_eval.model, tiny_eval.table, tiny_eval.stream
+    frozen = dataclasses.replace(LORA, lora_lr=0.0)
+
+    def nll(tcfg, name):
+        evaluate(m, tokens, table, SLIDING, tcfg, dump_nll=tmp_path / name, **QUIET)
+        return np.load(tmp_path / name)
+
+    full = nll(frozen, "full.npy")
+    np.testing.assert_array_equal(nll(dataclasses.replace(frozen, lora_context=4096), "wide.npy"), full)
+    short = nll(dataclasses.replace(frozen, lora_context=64), "short.npy")
+    starts = np.flatnonzero(tokens[: full.size].numpy() == 1)
+    doc_pos = np.arange(full.size) - starts[np.searchsorted(starts, np.arange(full.size), side="right") - 1]
+    near = doc_pos < 64
+    assert near.any() and (~near).any()
+    np.testing.assert_allclose(short[near], full[near], atol=1e-5)
+    assert np.abs(short[~near] - full[~near]).max() > 1e-3
+
+
 def test_bad_inputs_are_one_line_errors(tiny_eval, tmp_path):
     (tmp_path / "taken.npy").write_bytes(b"x")
     with pytest.raises(EvalError, match="already exists"):
