@@ -36,9 +36,8 @@ from golf.quant import (
 # Session 2 measured preset, preset_fit, int7 embedding and LQER (docs/benchmarks.md): the ladder's
 # clip k +1 steps land far under the target, and one k per class ignores how much each tensor
 # matters. Next: the scale fitter (lands just under the target) and the Fisher allocation.
-DEFAULT_VARIANTS = ["preset=", "preset_fit=fit", "scale_fit=fit_mode:scale,fit",
-                    "fisher=clip_alloc:fisher", "fisher_scale_fit=clip_alloc:fisher,fit_mode:scale,fit",
-                    "embk20_fisher_scale_fit=clip_k_embed:20,clip_alloc:fisher,fit_mode:scale,fit"]
+DEFAULT_VARIANTS = ["preset=", "preset_fit=fit", "scale_fit=fit_mode:scale,fit", "fisher=clip_alloc:fisher",
+                    "fisher_scale_fit=clip_alloc:fisher,fit_mode:scale,fit"]
 
 
 def parse_variant(spec: str) -> tuple[str, dict[str, str], bool]:
