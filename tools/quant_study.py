@@ -30,6 +30,7 @@ from golf.quant import (
     dequantize_state,
     fisher_clip_k,
     fit_to_budget,
+    quant_class,
     quantize_state,
 )
 
@@ -79,6 +80,11 @@ def main() -> int:
         fisher = collect_fisher(model, calibration_batches(cfg, device), cfg.quant.fisher_seqs)
     print(f"unquantized val_bpb {base:.6f}; {len(hessians)} Hessians in {t1 - t0:.1f}s, "
           f"Fisher of {cfg.quant.fisher_seqs} windows in {time.perf_counter() - t1:.1f}s", flush=True)
+    allocated = fisher_clip_k(state, fisher, cfg.quant)
+    for klass in sorted({quant_class(n) for n in allocated}):
+        ks = sorted((k, n) for n, k in allocated.items() if quant_class(n) == klass)
+        print(f"Fisher clip k, {klass}: {ks[0][0]:.2f} ({ks[0][1]}) … {ks[-1][0]:.2f} ({ks[-1][1]}) over {len(ks)} "
+              f"tensors", flush=True)
     meta = {"sha256": file_sha256(cfg.data.tokenizer_path), "vocab_size": cfg.model.vocab_size}
     rows = []
     for spec in args.variant or DEFAULT_VARIANTS:
