@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 ATTN_BACKENDS = ("auto", "fa3", "fa2", "sdpa")
-COMPILE_MODES = ("default", "max-autotune-no-cudagraphs")
+COMPILE_MODES = ("default", "coordinate-descent")
 
 
 class GolfError(Exception):
@@ -114,7 +114,8 @@ class TrainConfig:
     compile: bool = True
     profile_step: int = 0  # > 0: profile this timed step on rank 0 and log its top CUDA kernels
     compile_scope: str = "blocks"  # blocks: each block and the head on their own (fast start) | model
-    # default | max-autotune-no-cudagraphs (Triton matmul templates with fused epilogues; slower start)
+    # default | coordinate-descent (inductor tunes each generated kernel's block sizes: slower start).
+    # max-autotune was measured: cuBLAS beat every Triton matmul template, after > 4 min of tuning
     compile_mode: str = "default"
     amp_dtype: str = "bfloat16"  # bfloat16 | float32
     out_dir: str = "runs/latest"

@@ -333,7 +333,8 @@ class GPT(nn.Module):
 
     # ------------------------------------------------------------------ regional compilation
 
-    def compile_blocks(self, enable: bool = True, dynamic: bool | None = False, mode: str | None = None) -> None:
+    def compile_blocks(self, enable: bool = True, dynamic: bool | None = False,
+                       options: dict | None = None) -> None:
         """Compile each block, and the head with its loss, as separate regions (or go back to eager).
 
         Identical blocks share a graph (their weights are graph inputs), so the record model
@@ -341,7 +342,7 @@ class GPT(nn.Module):
         without a U-Net skip; head) instead of one unrolled graph per layer order, and switching
         depth recurrence on costs no compile.
         Compiled regions bypass module hooks: switch it off before hooking modules (GPTQ).
-        `mode` is torch.compile's (training may ask for max-autotune; evaluation keeps the default)."""
+        `options` go to inductor (training may tune its kernels; evaluation keeps the defaults)."""
         if not enable:
             self._compiled = None
             return
@@ -350,10 +351,10 @@ class GPT(nn.Module):
         # Functions, not per-module wrappers: one dynamo cache per code object, shared by all blocks,
         # and a deepcopy of the model (TTT) keeps calling them with its own blocks.
         self._compiled = {
-            "block": torch.compile(GPTBlock.forward, dynamic=dynamic, mode=mode),
-            "lanes": torch.compile(GPTBlock.forward_lanes, dynamic=dynamic, mode=mode),
-            "embed": torch.compile(GPT.embed, dynamic=dynamic, mode=mode),
-            "head_loss": torch.compile(GPT.head_loss, dynamic=dynamic, mode=mode),
+            "block": torch.compile(GPTBlock.forward, dynamic=dynamic, options=options),
+            "lanes": torch.compile(GPTBlock.forward_lanes, dynamic=dynamic, options=options),
+            "embed": torch.compile(GPT.embed, dynamic=dynamic, options=options),
+            "head_loss": torch.compile(GPT.head_loss, dynamic=dynamic, options=options),
         }
 
     @contextlib.contextmanager

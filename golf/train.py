@@ -129,10 +129,10 @@ def train(cfg: Config, info: DistInfo | None = None, log: Callable[[str], None] 
     use_cuda = device.type == "cuda"
     amp = (torch.autocast("cuda", dtype=torch.bfloat16) if use_cuda and t.amp_dtype == "bfloat16"
            else torch.autocast("cpu", enabled=False))
-    mode = None if t.compile_mode == "default" else t.compile_mode
+    options = {"coordinate_descent_tuning": True} if t.compile_mode == "coordinate-descent" else None
     if t.compile and t.compile_scope == "blocks":
-        model.compile_blocks(True, mode=mode)
-    loss_fn = (torch.compile(model.loss, dynamic=False, mode=mode) if t.compile and t.compile_scope == "model"
+        model.compile_blocks(True, options=options)
+    loss_fn = (torch.compile(model.loss, dynamic=False, options=options) if t.compile and t.compile_scope == "model"
                else model.loss)
     ema = [p.detach().float().clone() for p in params] if t.ema_decay > 0 else None
     log(f"model: {model.num_params():,} params, attention backend {model.attn_backend_name}, "

@@ -52,7 +52,7 @@ def test_cli_overrides_win_over_env():
     ({"MODEL_DIM": "500"}, "model_dim must be divisible by num_heads"),
     ({"EVAL_STRIDE": "5000"}, "eval_stride"),
     ({"MLP_BITS": "9"}, "mlp_bits must be in [2, 8]"),
-    ({"COMPILE_MODE": "max-autotune"}, "compile_mode must be default|max-autotune-no-cudagraphs"),
+    ({"COMPILE_MODE": "max-autotune"}, "compile_mode must be default|coordinate-descent"),
 ])
 def test_bad_values_are_one_line_errors(env, message):
     with pytest.raises(ConfigError) as info:
