@@ -275,7 +275,8 @@ def test_predict_size_tracks_the_real_artifact(quantized):
 def test_fit_to_budget_shrinks_deterministically():
     cfg = tiny()
     cfg.model = dataclasses.replace(cfg.model, num_layers=2, num_loops=1, parallel_from=-1)
-    qcfg = dataclasses.replace(cfg.quant, passthrough_max_numel=1024, codec="zstd")
+    qcfg = dataclasses.replace(cfg.quant, passthrough_max_numel=1024, codec="zstd", clip_alloc="class",
+                               fit_mode="ladder")
     torch.manual_seed(0)
     model = GPT(cfg.model)
     _trained_like(model)
