@@ -138,12 +138,16 @@ def test_collect_hessians_accumulates_every_pass_and_removes_hooks():
     assert not m.lin._forward_hooks
 
 
-def test_collect_hessians_on_tiny_gpt_keys_and_tied_head():
+def _tiny_gpt_and_batches(seed: int, width: int) -> tuple:
+    """The tiny preset's GPT (seed 0) and two [2, width] batches of random ids."""
     cfg = tiny().model
     torch.manual_seed(0)
-    model = GPT(cfg)
-    g = torch.Generator().manual_seed(0)
-    ids = [torch.randint(0, cfg.vocab_size, (2, 16), generator=g) for _ in range(2)]
+    g = torch.Generator().manual_seed(seed)
+    return cfg, GPT(cfg), [torch.randint(0, cfg.vocab_size, (2, width), generator=g) for _ in range(2)]
+
+
+def test_collect_hessians_on_tiny_gpt_keys_and_tied_head():
+    cfg, model, ids = _tiny_gpt_and_batches(seed=0, width=16)
     hs = collect_hessians(model, ids)
     linear = {f"{n}.weight" for n, mod in model.named_modules()
               if isinstance(mod, nn.Linear) and n != "lm_head"}
@@ -156,11 +160,7 @@ def test_collect_hessians_on_tiny_gpt_keys_and_tied_head():
 
 
 def test_collect_fisher_is_the_mean_of_per_sequence_squared_gradients():
-    cfg = tiny().model
-    torch.manual_seed(0)
-    model = GPT(cfg)
-    g = torch.Generator().manual_seed(3)
-    batches = [torch.randint(0, cfg.vocab_size, (2, 17), generator=g) for _ in range(2)]
+    _, model, batches = _tiny_gpt_and_batches(seed=3, width=17)
     fisher = collect_fisher(model, batches, max_seqs=3)  # the first three windows, one backward each
     matrices = {n: p for n, p in model.named_parameters() if p.dim() == 2}
     assert set(fisher) == set(matrices) and "tok_emb.weight" in fisher  # the tied head counts once
