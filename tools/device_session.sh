@@ -2,7 +2,8 @@
 # Benchmarks on a lent GPU machine, as recorded in docs/benchmarks.md.
 #   bash tools/device_session.sh STAGE...   (stages: setup data8192 data1024 kernels speed evalsmoke profile
 #                                            record quantstudy baseline evals lora lorap lorasweep
-#                                            loratime lorabench loradump profileeval parity loraparity submit2 evalparity)
+#                                            loratime lorabench loradump profileeval parity loraparity submit2 evalparity
+#                                            submit1)
 # Expects (made by tools/prepare_carry.sh), carried with the working tree: .whl/ (brotli, zstandard wheels)
 # and .carry/ (proxy/*.jsonl.{gz,xz}, tok/*.model, val1024/ and val8192/ FineWeb eval shards).
 # Every log goes to $OUT (or ./device_out); each stage has its own time limit.
@@ -182,6 +183,14 @@ stage_submit2() {  # make submit NPROC=2: bundle → torchrun train_gpt.py → r
     --records-dir "$OUT/records" --work-dir /tmp/work "${PARITY[@]}" --set tokenizer_path=$PWD/$TOK8 \
     2>&1 | grep -v "ttt_sgd chunk" | tail -25
   python3 -m golf stats "$OUT"/records/*_proxy_2gpu | tee "$OUT/stats.txt"
+}
+
+stage_submit1() {  # make submit on one GPU: the bundled train_gpt.py for WALL s → records folder, artifact
+  local sets=(--set data_path=$DATA/sp8192 --set tokenizer_path=$PWD/$TOK8 --set max_wallclock_seconds=$WALL)
+  for s in ${EXTRA_SETS:-}; do sets+=(--set "$s"); done
+  timeout 560 python3 -m golf submit --preset record --seed 42 --name proxy_1gpu --nproc 1 \
+    --records-dir "$OUT/records" --work-dir /tmp/work1 "${sets[@]}" 2>&1 | grep -v "ttt_sgd chunk" | tail -30
+  cp /tmp/work1/*/seed42/final_model.golf "$OUT/" 2>/dev/null || cp /tmp/work1/*/*/final_model.golf "$OUT/"
 }
 
 stage_evalparity() {  # the 2-GPU run's artifact scored again on one GPU (sliding, SGD-TTT)
