@@ -146,6 +146,7 @@ class QuantConfig:
     codec: str = "auto"  # auto | brotli | lzma | zstd
     clip_alloc: str = "class"  # class: each class's clip k | fisher: per-tensor k from the calibration Fisher
     fisher_seqs: int = 32  # training windows (one backward each) behind the Fisher
+    fisher_k_range: float = 2.0  # a Fisher-allocated k stays within ×/÷ this of its class k
     fit_mode: str = "ladder"  # ladder: clip k +1 steps, then bits | scale: one k factor searched to the target
     size_cap_bytes: int = 16_000_000
     size_margin_bytes: int = 2_000
@@ -275,7 +276,7 @@ class Config:
         _check(q.gptq_block_size >= 1, "gptq_block_size must be >= 1")
         _check(q.codec in ("auto", "brotli", "lzma", "zstd"), "codec must be auto|brotli|lzma|zstd")
         _check(q.clip_alloc in ("class", "fisher"), "clip_alloc must be class|fisher")
-        _check(q.fisher_seqs >= 1, "fisher_seqs must be >= 1")
+        _check(q.fisher_seqs >= 1 and q.fisher_k_range >= 1.0, "fisher_seqs must be >= 1, fisher_k_range >= 1")
         _check(q.fit_mode in ("ladder", "scale"), "fit_mode must be ladder|scale")
         _check(q.lqer_rank >= 0 and 2 <= q.lqer_bits <= 8, "lqer_rank must be >= 0, lqer_bits in [2, 8]")
         _check(q.size_cap_bytes > 0 and 0 <= q.size_margin_bytes < q.size_cap_bytes,

@@ -53,7 +53,6 @@ GPTQ_RETRY_MIN_DAMP = 1e-3  # a configured damping of 0 cannot be multiplied up
 FP16_MAX = 65504.0
 FIT_K_STEP = 1.0  # clip k increase per fitter rung (attention, MLP, other)
 FIT_K_STEPS = 4
-FISHER_K_RANGE = 2.0  # fisher_clip_k keeps each tensor's k within ×/÷ this of its class k
 FIT_SCALE_RANGE = (-1.0, 2.0)  # the scale fitter's log2 range for every k: ×0.5 … ×4
 FIT_SCALE_TOLERANCE = 0.002  # the scale fitter stops within this fraction below the target
 FIT_SCALE_ITERS = 8
@@ -318,7 +317,7 @@ def fisher_clip_k(state: dict[str, Tensor], fisher: dict[str, Tensor], qcfg: Qua
     the loss is smallest when every value costs the same (reverse water-filling):
     k_i ∝ q_max·sqrt(n_i / Σ_r F_r·std_r²). The constant keeps Σ n_i·log k_i at the class
     config's, so the predicted size stays where the class config puts it; each k is clamped to
-    [FISHER_K_RANGE⁻¹, FISHER_K_RANGE]× its class k. Tensors without a Fisher keep the class k.
+    [1/fisher_k_range, fisher_k_range]× its class k. Tensors without a Fisher keep the class k.
     """
     log_k, log_ref, numel = {}, {}, {}
     for name, aliases in quant_alias_groups(state).items():
@@ -335,7 +334,7 @@ def fisher_clip_k(state: dict[str, Tensor], fisher: dict[str, Tensor], qcfg: Qua
     if not log_k:
         return {}
     shift = sum(numel[n] * (log_ref[n] - log_k[n]) for n in log_k) / sum(numel.values())
-    bound = math.log(FISHER_K_RANGE)
+    bound = math.log(qcfg.fisher_k_range)
     return {n: math.exp(log_ref[n] + min(max(log_k[n] + shift - log_ref[n], -bound), bound)) for n in log_k}
 
 

@@ -11,7 +11,6 @@ from torch import nn
 from golf.config import QuantConfig, tiny
 from golf.model import GPT
 from golf.quant import (
-    FISHER_K_RANGE,
     GPTQ_RETRIES,
     collect_fisher,
     collect_hessians,
@@ -196,7 +195,9 @@ def test_fisher_clip_k_equalizes_loss_per_value_at_the_class_size():
     assert float(log_sum(ks)) == pytest.approx(float(log_sum(ref)), rel=1e-6)  # the class config's size
     fisher["blocks.0.attn.c_q.weight"] = torch.full((32,), 1e6)  # far more sensitive: clamped
     ks = fisher_clip_k(state, fisher, qcfg)
-    assert ks["blocks.0.attn.c_q.weight"] == pytest.approx(12.0 / FISHER_K_RANGE)
+    assert ks["blocks.0.attn.c_q.weight"] == pytest.approx(12.0 / qcfg.fisher_k_range)
+    narrow = fisher_clip_k(state, fisher, dataclasses.replace(qcfg, fisher_k_range=1.5))
+    assert narrow["blocks.0.attn.c_q.weight"] == pytest.approx(8.0)
     del fisher["blocks.0.mlp.proj.weight"]
     assert "blocks.0.mlp.proj.weight" not in fisher_clip_k(state, fisher, qcfg)  # keeps its class k
 

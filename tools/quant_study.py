@@ -34,11 +34,11 @@ from golf.quant import (
     quantize_state,
 )
 
-# Session 2 measured preset, preset_fit, int7 embedding and LQER (docs/benchmarks.md): the ladder's
-# clip k +1 steps land far under the target, and one k per class ignores how much each tensor
-# matters. Next: the scale fitter (lands just under the target) and the Fisher allocation.
-DEFAULT_VARIANTS = ["preset=", "preset_fit=fit", "scale_fit=fit_mode:scale,fit", "fisher=clip_alloc:fisher",
-                    "fisher_scale_fit=clip_alloc:fisher,fit_mode:scale,fit"]
+# Session 4 measured the ladder and class k against the Fisher allocation with the scale fitter on
+# a 180 s model (docs/benchmarks.md); the record preset now uses the latter. Next: how far each
+# Fisher k may stray from its class k, on a longer-trained model.
+DEFAULT_VARIANTS = ["class_scale_fit=clip_alloc:class,fit", "fisher_scale_fit=fit",
+                    "fisher_range1.5_scale_fit=fisher_k_range:1.5,fit"]
 
 
 def parse_variant(spec: str) -> tuple[str, dict[str, str], bool]:
