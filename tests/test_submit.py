@@ -20,6 +20,7 @@ from golf.submit import (
     README_END,
     SubmissionError,
     build_submission,
+    describe_techniques,
     load_record_runs,
     loss_curve_png,
     one_sample_t,
@@ -275,6 +276,14 @@ def test_loss_curve_png_draws_one_colored_line_per_seed():
 
 
 # ----------------------------------------------------------------------------- README and folder
+
+
+def test_techniques_name_the_quantizer_settings():
+    record = " ".join(describe_techniques(load_config("record", environ={})))
+    assert "per-tensor k from the Fisher of 32 training windows, within ×/÷2 of those" in record
+    assert "one factor on every k fitted to the cap" in record
+    baseline = " ".join(describe_techniques(load_config("baseline", environ={})))
+    assert "Fisher" not in baseline and "fitted to the cap" not in baseline
 
 
 def test_write_record_keeps_hand_edits_and_adds_seeds(tmp_path):
