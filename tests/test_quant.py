@@ -181,7 +181,7 @@ def test_fisher_clip_k_equalizes_loss_per_value_at_the_class_size():
     state = {"blocks.0.mlp.fc.weight": torch.randn(64, 32, generator=g),
              "blocks.0.attn.c_q.weight": 3 * torch.randn(32, 32, generator=g),
              "blocks.0.mlp.proj.weight": torch.randn(32, 64, generator=g)}
-    qcfg = QuantConfig(passthrough_max_numel=16, clip_k_mlp=10.0, clip_k_attn=12.0)
+    qcfg = QuantConfig(passthrough_max_numel=16, clip_k_mlp=10.0, clip_k_attn=12.0, fisher_k_range=3.0)
     fisher = {"blocks.0.mlp.fc.weight": torch.full((64,), 2.0), "blocks.0.attn.c_q.weight": torch.full((32,), 0.5),
               "blocks.0.mlp.proj.weight": torch.full((32,), 1.5)}
     ks = fisher_clip_k(state, fisher, qcfg)
@@ -195,7 +195,7 @@ def test_fisher_clip_k_equalizes_loss_per_value_at_the_class_size():
     assert float(log_sum(ks)) == pytest.approx(float(log_sum(ref)), rel=1e-6)  # the class config's size
     fisher["blocks.0.attn.c_q.weight"] = torch.full((32,), 1e6)  # far more sensitive: clamped
     ks = fisher_clip_k(state, fisher, qcfg)
-    assert ks["blocks.0.attn.c_q.weight"] == pytest.approx(12.0 / qcfg.fisher_k_range)
+    assert ks["blocks.0.attn.c_q.weight"] == pytest.approx(12.0 / 3.0)
     narrow = fisher_clip_k(state, fisher, dataclasses.replace(qcfg, fisher_k_range=1.5))
     assert narrow["blocks.0.attn.c_q.weight"] == pytest.approx(8.0)
     del fisher["blocks.0.mlp.proj.weight"]
