@@ -632,6 +632,7 @@ def fit_to_budget(state_dict: dict[str, Tensor], hessians: dict[str, Tensor] | N
     if qcfg.fit_mode == "scale":
         found = _fit_scale(state_dict, qcfg, tensor_k(qcfg), target, attempt)
         if found is not None:
+            found[0].stats.fit_attempts = list(attempts)  # the chosen one need not be the last
             return found
         bits = lambda c: (c.mlp_bits, c.attn_bits, c.other_bits, c.embed_bits)  # noqa: E731
         rungs = [(cfg, changes) for cfg, changes in rungs if bits(cfg) != bits(qcfg)]
