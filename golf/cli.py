@@ -211,6 +211,12 @@ def budget_cmd(
         raise GolfError(f"code file {code} not found or empty")
     pred = predict_size(cfg.model, cfg.quant, ratios=ratios, code_bytes=code_bytes, run_config=cfg.to_dict())
     typer.echo(json.dumps(pred.to_dict(), indent=2) if as_json else pred.format_table())
+    q = cfg.quant
+    if not as_json and (q.fit_mode == "scale" or q.clip_alloc == "fisher"):
+        alloc = "its Fisher-allocated k per tensor" if q.clip_alloc == "fisher" else "its class k"
+        fit = ("then one factor on every k, searched to land within 0.2% under the cap less margin and code"
+               if q.fit_mode == "scale" else "then the fitter's ladder")
+        typer.echo(f"the k above are the config's class values: a run quantizes with {alloc}, {fit}")
 
 
 @app.command("quantize")

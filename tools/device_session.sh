@@ -47,7 +47,7 @@ stage_kernels() {
 # halfway. SPEED_VARIANTS holds name:key=value,key=value entries (config overrides; none = the preset).
 stage_speed() {
   local logs=()
-  for v in ${SPEED_VARIANTS:-preset: bf16stream:stream_dtype=bfloat16}; do
+  for v in ${SPEED_VARIANTS:-preset: cdtune:compile_mode=coordinate-descent}; do
     local name=${v%%:*} sets=() kv
     IFS=, read -ra kvs <<< "${v#*:}"
     for kv in "${kvs[@]}"; do sets+=(--set "$kv"); done

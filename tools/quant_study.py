@@ -34,11 +34,11 @@ from golf.quant import (
     quantize_state,
 )
 
-# Session 4 measured the ladder and class k against the Fisher allocation with the scale fitter on
-# a 180 s model (docs/benchmarks.md); the record preset now uses the latter. Next: how far each
-# Fisher k may stray from its class k, on a longer-trained model.
+# Session 4 measured class k vs the Fisher allocation (range 2 and 1.5) with the scale fitter on
+# 180 s and 300 s models (docs/benchmarks.md); the record preset uses Fisher k within ×/÷1.5.
+# Next: a narrower clamp, and a Fisher from more windows (it took 5.2 s for 32 of the 12 s reserve).
 DEFAULT_VARIANTS = ["class_scale_fit=clip_alloc:class,fit", "fisher_scale_fit=fit",
-                    "fisher_range1.5_scale_fit=fisher_k_range:1.5,fit"]
+                    "fisher_range1.25_scale_fit=fisher_k_range:1.25,fit", "fisher_seqs64_scale_fit=fisher_seqs:64,fit"]
 
 
 def parse_variant(spec: str) -> tuple[str, dict[str, str], bool]:
