@@ -56,8 +56,9 @@ stage_speed() {
       --set train_log_every=5 --set out_dir=/tmp/speed_$name "${sets[@]}" > "$OUT/speed_$name.log" 2>&1
     tail -2 "$OUT/speed_$name.log"
     logs+=("$OUT/speed_$name.log")
+    python3 tools/train_rates.py "${logs[@]}" > "$OUT/speed.txt"  # after each variant: a killed call keeps it
   done
-  python3 tools/train_rates.py "${logs[@]}" | tee "$OUT/speed.txt"
+  cat "$OUT/speed.txt"
   # Same seed and data: how far each variant's losses drift from the first one's, step by step.
   for log in "${logs[@]:1}"; do python3 tools/loss_parity.py "${logs[0]}" "$log" | tail -n 1 | tee -a "$OUT/speed.txt"; done
 }
