@@ -4,7 +4,9 @@ Notable:
 - Tied embedding head as a real module: `lm_head` is a `CastedLinear` whose weight *is*
   `tok_emb.weight`, so LoRA hooks and GPTQ treat the head like any other linear.
 - Weights stay fp32 and are cast to the activation dtype in `CastedLinear`; the residual stream
-  stays fp32 under bf16 autocast (the official baseline's arrangement). Logits are fp32.
+  stays fp32 under bf16 autocast (the official baseline's arrangement) unless `stream_dtype` is
+  bfloat16 (the record preset). Logits are fp32; with `fused_ce` the training loss never
+  materializes them (golf.kernels.softcap_ce reads the bf16 head output).
 - Depth recurrence is a plain python list of layer indices (`layer_order()`); `set_looping`
   swaps it, and torch.compile keeps one graph per order. A new model starts with looping ON
   (the graph the finished model is evaluated with); the trainer switches it off for the early
