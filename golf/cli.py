@@ -212,8 +212,9 @@ def budget_cmd(
     pred = predict_size(cfg.model, cfg.quant, ratios=ratios, code_bytes=code_bytes, run_config=cfg.to_dict())
     typer.echo(json.dumps(pred.to_dict(), indent=2) if as_json else pred.format_table())
     q = cfg.quant
-    if not as_json and (q.fit_mode == "scale" or q.clip_alloc == "fisher"):
-        alloc = "its Fisher-allocated k per tensor" if q.clip_alloc == "fisher" else "its class k"
+    if not as_json and (q.fit_mode == "scale" or q.clip_alloc != "class"):
+        alloc = {"class": "its class k", "fisher": "its Fisher-allocated k per tensor",
+                 "fisher_rows": "its Fisher-allocated k per row"}[q.clip_alloc]
         fit = ("then one factor on every k, searched to land within 0.2% under the cap less margin and code"
                if q.fit_mode == "scale" else "then the fitter's ladder")
         typer.echo(f"the k above are the config's class values: a run quantizes with {alloc}, {fit}")
@@ -277,7 +278,7 @@ def quantize_cmd(
     code_bytes = Path(code).stat().st_size if code else 0
     q, t = cfg.quant, cfg.train
     hessians = fisher = None
-    if q.gptq or q.clip_alloc == "fisher":
+    if q.gptq or q.clip_alloc != "class":
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         model.to(device)
         amp = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"
@@ -287,7 +288,7 @@ def quantize_cmd(
                 hessians = collect_hessians(model, calibration_batches(cfg, device), device)
                 typer.echo(f"calibrated {len(hessians)} Hessians on {q.gptq_calib_batches} x "
                            f"{q.gptq_calib_seqs} training windows of {t.train_seq_len}")
-            if q.clip_alloc == "fisher":
+            if q.clip_alloc != "class":
                 fisher = collect_fisher(model, calibration_batches(cfg, device), q.fisher_seqs, device)
                 typer.echo(f"Fisher of {len(fisher)} matrices from {q.fisher_seqs} training windows")
     if fit:

@@ -144,7 +144,9 @@ class QuantConfig:
     lqer_tensors: int = 3
     lqer_bits: int = 4
     codec: str = "auto"  # auto | brotli | lzma | zstd
-    clip_alloc: str = "class"  # class: each class's clip k | fisher: per-tensor k from the calibration Fisher
+    # class: each class's clip k | fisher: a k per tensor from the calibration Fisher | fisher_rows:
+    # a k per row (free: row scales are stored anyway; not measured on a GPU yet)
+    clip_alloc: str = "class"
     fisher_seqs: int = 32  # training windows (one backward each) behind the Fisher
     # a Fisher-allocated k stays within ×/÷ this of its class k: 1.5 beat 2 by 0.0011 BPB on a
     # 300 s record model (docs/benchmarks.md)
@@ -277,7 +279,7 @@ class Config:
             _check(getattr(q, name) > 0, f"{name} must be > 0")
         _check(q.gptq_block_size >= 1, "gptq_block_size must be >= 1")
         _check(q.codec in ("auto", "brotli", "lzma", "zstd"), "codec must be auto|brotli|lzma|zstd")
-        _check(q.clip_alloc in ("class", "fisher"), "clip_alloc must be class|fisher")
+        _check(q.clip_alloc in ("class", "fisher", "fisher_rows"), "clip_alloc must be class|fisher|fisher_rows")
         _check(q.fisher_seqs >= 1 and q.fisher_k_range >= 1.0, "fisher_seqs must be >= 1, fisher_k_range >= 1")
         _check(q.fit_mode in ("ladder", "scale"), "fit_mode must be ladder|scale")
         _check(q.lqer_rank >= 0 and 2 <= q.lqer_bits <= 8, "lqer_rank must be >= 0, lqer_bits in [2, 8]")

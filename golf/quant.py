@@ -23,9 +23,10 @@ Notable:
   ‖EX‖/‖WX‖ estimated as sqrt(tr(E H Eᵀ)/tr(W H Wᵀ)) with the calibration Hessian (relative
   Frobenius error when a tensor has none, i.e. H = I), get a rank-r SVD of E = W − Ŵ as A@B,
   A = U√S and B = √S Vᵀ, each quantized per row (absmax scale) at `lqer_bits`.
-- Fisher allocation (`clip_alloc` "fisher"): `collect_fisher` takes per-sequence gradients on
-  training windows, `fisher_clip_k` gives each tensor the clip k at which its expected loss
-  increase per stored value is the same as every other tensor's, at the class config's size.
+- Fisher allocation (`clip_alloc` "fisher" per tensor, "fisher_rows" per row): `collect_fisher`
+  takes per-sequence gradients on training windows, `fisher_clip_k` gives each tensor (or row)
+  the clip k at which its expected loss increase per stored value is the same as every other
+  one's, at the class config's size.
 - `fit_to_budget`, `fit_mode` "ladder": a fixed ladder (config as is, clip k +1 ×4, then one bit
   less for MLP, attention, other, embedding, repeated down to 4/4/4/6 bits), the first rung whose
   packed artifact fits. "scale": one factor on every k, searched to land just under the target
@@ -309,45 +310,62 @@ def collect_fisher(model: nn.Module, batches: Iterable[Tensor], max_seqs: int,
     return {name: total / seen for name, total in sums.items()}
 
 
-def fisher_clip_k(state: dict[str, Tensor], fisher: dict[str, Tensor], qcfg: QuantConfig) -> dict[str, float]:
-    """Per-tensor clip k from the Fisher: the same expected loss increase per stored value.
+def fisher_clip_k(state: dict[str, Tensor], fisher: dict[str, Tensor],
+                  qcfg: QuantConfig) -> dict[str, float | Tensor]:
+    """Clip k from the Fisher: the same expected loss increase per stored value everywhere.
 
-    Rounding row r of tensor i with step Δ = k·std_r/q_max adds ≈ ½·F_r·Δ²/12 to the loss (F_r
-    the row's Fisher sum), and doubling k saves about one bit per value. At a fixed total of bits
-    the loss is smallest when every value costs the same (reverse water-filling):
-    k_i ∝ q_max·sqrt(n_i / Σ_r F_r·std_r²). The constant keeps Σ n_i·log k_i at the class
-    config's, so the predicted size stays where the class config puts it; each k is clamped to
-    [1/fisher_k_range, fisher_k_range]× its class k. Tensors without a Fisher keep the class k.
+    Rounding row r with step Δ = k·std_r/q_max adds ≈ ½·F_r·Δ²/12 to the loss (F_r the row's
+    Fisher sum), and doubling k saves about one bit per value. At a fixed total of bits the loss
+    is smallest when every value costs the same (reverse water-filling): per tensor ("fisher")
+    k_i ∝ q_max·sqrt(n_i / Σ_r F_r·std_r²); per row ("fisher_rows", a tensor of k per row: the
+    row scales are stored anyway, so this costs no bytes) k_r ∝ q_max / sqrt(F_r·std_r²). The
+    constant keeps Σ values·log k at the class config's, so the predicted size stays where the
+    class config puts it; each k is clamped to [1/fisher_k_range, fisher_k_range]× its class k.
+    Tensors without a Fisher keep the class k.
     """
-    log_k, log_ref, numel = {}, {}, {}
+    per_row = qcfg.clip_alloc == "fisher_rows"
+    log_k, log_ref, counts = {}, {}, {}  # log k (up to one shared constant), class log k, values per entry
     for name, aliases in quant_alias_groups(state).items():
         t = state[name]
         f = next((fisher[n] for n in (name, *aliases) if n in fisher), None)
         if f is None or not is_quantized_tensor(t, qcfg):
             continue
         bits, k = class_bits_k(qcfg, quant_class(name))
-        sensitivity = float((f.float().cpu() * t.detach().float().cpu().var(dim=1, unbiased=False)).sum())
-        if not (sensitivity > 0 and math.isfinite(sensitivity)):
-            continue
-        log_k[name] = math.log(2 ** (bits - 1) - 1) + 0.5 * math.log(t.numel() / sensitivity)
-        log_ref[name], numel[name] = math.log(k), t.numel()
+        rows = f.float().cpu() * t.detach().float().cpu().var(dim=1, unbiased=False)  # F_r·std_r²
+        if per_row:  # a row with no sensitivity gets the coarsest k the clamp allows
+            log_k[name] = math.log(2 ** (bits - 1) - 1) - 0.5 * rows.clamp_min(1e-30).log()
+            counts[name] = torch.full_like(rows, t.shape[1])
+        else:
+            sensitivity = float(rows.sum())
+            if not (sensitivity > 0 and math.isfinite(sensitivity)):
+                continue
+            log_k[name] = torch.tensor(math.log(2 ** (bits - 1) - 1) + 0.5 * math.log(t.numel() / sensitivity))
+            counts[name] = torch.tensor(float(t.numel()))
+        log_ref[name] = math.log(k)
     if not log_k:
         return {}
-    shift = sum(numel[n] * (log_ref[n] - log_k[n]) for n in log_k) / sum(numel.values())
+    total = sum(float(c.sum()) for c in counts.values())
+    shift = sum(float((counts[n] * (log_ref[n] - log_k[n])).sum()) for n in log_k) / total
     bound = math.log(qcfg.fisher_k_range)
-    return {n: math.exp(log_ref[n] + min(max(log_k[n] + shift - log_ref[n], -bound), bound)) for n in log_k}
+    out = {}
+    for n in log_k:
+        k = torch.exp(log_ref[n] + (log_k[n] + shift - log_ref[n]).clamp(-bound, bound))
+        out[n] = k if per_row else float(k)
+    return out
 
 
 # ----------------------------------------------------------------------------- SDClip / GPTQ
 
 
-def sdclip_scale(w: Tensor, bits: int, k: float) -> Tensor:
+def sdclip_scale(w: Tensor, bits: int, k: float | Tensor) -> Tensor:
     """Per-row SDClip scale k·std(row)/q_max, rounded to fp16 (returned as fp32 for the math).
 
-    A row whose scale is 0 in fp16 (constant or tiny row) falls back to absmax/q_max, then 1.
+    k is one value or one per row. A row whose scale is 0 in fp16 (constant or tiny row) falls
+    back to absmax/q_max, then 1.
     """
     qmax = 2 ** (bits - 1) - 1
     w = w.float()
+    k = torch.as_tensor(k, dtype=torch.float32, device=w.device)
     scale = (k * w.std(dim=1, unbiased=False) / qmax).clamp(max=FP16_MAX).half().float()
     absmax = (w.abs().amax(dim=1) / qmax).clamp(max=FP16_MAX).half().float()
     scale = torch.where(scale > 0, scale, absmax)
@@ -382,7 +400,7 @@ class GPTQResult:
     damp: float
 
 
-def gptq_quantize(w: Tensor, h: Tensor, bits: int, k: float, block_size: int = 128, damp: float = 0.01,
+def gptq_quantize(w: Tensor, h: Tensor, bits: int, k: float | Tensor, block_size: int = 128, damp: float = 0.01,
                   act_order: bool = True, max_retries: int = GPTQ_RETRIES) -> GPTQResult:
     """GPTQ of W [rows, cols] against H [cols, cols] with the SDClip scale fixed per row."""
     rows, cols = w.shape
@@ -512,8 +530,9 @@ def quantize_state(model_or_state_dict: nn.Module | dict[str, Tensor], qcfg: Qua
             continue
         bits, k = class_bits_k(qcfg, klass)
         k = (clip_k or {}).get(name, k)
+        k_key = k if isinstance(k, float) else k.numpy().tobytes()  # a per-row k keys by its values
         h = next((hessians[n] for n in (name, *aliases) if n in hessians), None) if qcfg.gptq else None
-        key = (name, bits, k, h is not None, qcfg.gptq_block_size, qcfg.gptq_damp, qcfg.gptq_act_order)
+        key = (name, bits, k_key, h is not None, qcfg.gptq_block_size, qcfg.gptq_damp, qcfg.gptq_act_order)
         if key not in cache:
             w = t.detach().float()
             if h is not None:
@@ -524,7 +543,7 @@ def quantize_state(model_or_state_dict: nn.Module | dict[str, Tensor], qcfg: Qua
                 cache[key] = (rtn_quantize(w.cpu(), scale, bits), scale.half(), "rtn", 0, 0.0)
         q, scale, method, retries, damp = cache[key]
         records[name] = QuantRecord(name, "quant", klass, bits, tuple(t.shape), q=q, scale=scale,
-                                    aliases=list(aliases), clip_k=k)
+                                    aliases=list(aliases), clip_k=_quant_k_summary(k))
         hess_of[name] = h
         stats.method[name] = method
         if method != "rtn":
@@ -547,6 +566,11 @@ def quantize_state(model_or_state_dict: nn.Module | dict[str, Tensor], qcfg: Qua
             stats.out_err[name] = out
     stats.seconds = time.perf_counter() - t0
     return QuantizedState(records, stats, dataclasses.asdict(qcfg))
+
+
+def _quant_k_summary(k: float | Tensor) -> float:
+    """The k a record stores: itself, or the geometric mean of a per-row k."""
+    return float(k) if isinstance(k, float) else float(k.float().log().mean().exp())
 
 
 def dequantize_state(qs: QuantizedState) -> dict[str, Tensor]:
@@ -597,7 +621,7 @@ def fit_to_budget(state_dict: dict[str, Tensor], hessians: dict[str, Tensor] | N
     """Quantize + pack until the artifact is <= target bytes; returns the state, the artifact
     bytes and the changes made to `qcfg` in words (empty when it fit as is).
 
-    Clip k per tensor: the class's, or with `clip_alloc` "fisher" `fisher_clip_k` of `fisher`.
+    Clip k: the class's, or with `clip_alloc` "fisher"/"fisher_rows" `fisher_clip_k` of `fisher`.
     `fit_mode` "ladder" walks `fit_ladder`. "scale" multiplies every k by one factor 2^s and
     searches s (secant steps inside a bracket) for the finest grid that fits within
     FIT_SCALE_TOLERANCE below the target: it coarsens when over and refines when the config
@@ -610,8 +634,8 @@ def fit_to_budget(state_dict: dict[str, Tensor], hessians: dict[str, Tensor] | N
 
     if target is None:
         target = qcfg.size_cap_bytes - qcfg.size_margin_bytes - code_bytes
-    if qcfg.clip_alloc == "fisher" and not fisher:
-        raise QuantError("clip_alloc=fisher needs the calibration Fisher (collect_fisher)")
+    if qcfg.clip_alloc != "class" and not fisher:
+        raise QuantError(f"clip_alloc={qcfg.clip_alloc} needs the calibration Fisher (collect_fisher)")
     cache: dict = {}
     codecs = None
     attempts: list[tuple[str, int]] = []
@@ -626,7 +650,7 @@ def fit_to_budget(state_dict: dict[str, Tensor], hessians: dict[str, Tensor] | N
         return qs, blob
 
     def tensor_k(cfg: QuantConfig) -> dict[str, float]:
-        return fisher_clip_k(state_dict, fisher, cfg) if cfg.clip_alloc == "fisher" else {}
+        return fisher_clip_k(state_dict, fisher, cfg) if cfg.clip_alloc != "class" else {}
 
     rungs = fit_ladder(qcfg)
     if qcfg.fit_mode == "scale":
@@ -655,7 +679,8 @@ def _fit_scale(state_dict: dict[str, Tensor], qcfg: QuantConfig, allocated: dict
     lo, hi = FIT_SCALE_RANGE
     tolerance = int(target * FIT_SCALE_TOLERANCE)
     aim = target - tolerance // 2
-    what = "Fisher-allocated clip k" if allocated else "clip k"
+    what = {"class": "clip k", "fisher": "Fisher-allocated clip k",
+            "fisher_rows": "Fisher-allocated per-row clip k"}[qcfg.clip_alloc] if allocated else "clip k"
     sizes: dict[float, int] = {}
     best = None
     s = 0.0

@@ -92,7 +92,7 @@ def run_pipeline(cfg: Config, code_path: str | None = None, out_dir: str = ".",
     with amp:
         hessians = collect_hessians(model, calibration_batches(cfg, info.device, info.rank, info.world_size))
         fisher = None
-        if cfg.quant.clip_alloc == "fisher":
+        if cfg.quant.clip_alloc != "class":
             share = -(-cfg.quant.fisher_seqs // info.world_size)
             fisher = collect_fisher(model, calibration_batches(cfg, info.device, info.rank, info.world_size), share)
     if info.world_size > 1:

@@ -586,6 +586,8 @@ def describe_techniques(cfg: Config) -> list[str]:
                f"{q.passthrough_max_numel:,} values as fp16"
                + (f"; per-tensor k from the Fisher of {q.fisher_seqs} training windows, within ×/÷"
                   f"{q.fisher_k_range:g} of those" if q.clip_alloc == "fisher" else "")
+               + (f"; per-row k from the Fisher of {q.fisher_seqs} training windows, within ×/÷"
+                  f"{q.fisher_k_range:g} of those" if q.clip_alloc == "fisher_rows" else "")
                + ("; one factor on every k fitted to the cap" if q.fit_mode == "scale" else "")
                + (f"; LQER rank {q.lqer_rank} on {q.lqer_tensors} tensors at int{q.lqer_bits}"
                   if q.lqer_rank else "")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import pytest
 import torch
@@ -200,6 +201,29 @@ def test_fisher_clip_k_equalizes_loss_per_value_at_the_class_size():
     assert narrow["blocks.0.attn.c_q.weight"] == pytest.approx(8.0)
     del fisher["blocks.0.mlp.proj.weight"]
     assert "blocks.0.mlp.proj.weight" not in fisher_clip_k(state, fisher, qcfg)  # keeps its class k
+
+
+def test_fisher_rows_equalize_loss_per_value_across_rows_at_no_byte_cost():
+    g = torch.Generator().manual_seed(1)
+    state = {"blocks.0.mlp.fc.weight": torch.randn(64, 32, generator=g) * torch.linspace(0.5, 2, 64)[:, None],
+             "blocks.0.attn.c_q.weight": torch.randn(32, 32, generator=g)}
+    qcfg = QuantConfig(passthrough_max_numel=16, clip_k_mlp=10.0, clip_k_attn=12.0, fisher_k_range=4.0,
+                       clip_alloc="fisher_rows")
+    fisher = {"blocks.0.mlp.fc.weight": torch.linspace(1.0, 3.0, 64),
+              "blocks.0.attn.c_q.weight": torch.linspace(0.5, 1.0, 32)}
+    ks = fisher_clip_k(state, fisher, qcfg)
+    assert all(ks[n].shape == (w.shape[0],) for n, w in state.items())
+    per_value = torch.cat([ks[n] ** 2 * fisher[n] * w.var(dim=1, unbiased=False) for n, w in state.items()])
+    assert float(per_value.max() / per_value.min()) == pytest.approx(1.0, rel=1e-4)  # every row alike
+    log_sum = sum(float((w.shape[1] * ks[n].log()).sum()) for n, w in state.items())
+    ref = 64 * 32 * math.log(10.0) + 32 * 32 * math.log(12.0)
+    assert log_sum == pytest.approx(ref, rel=1e-5)  # the class config's predicted size
+    # A per-row k whose rows are all c quantizes exactly like the single k c.
+    uniform = {n: torch.full((w.shape[0],), 9.0) for n, w in state.items()}
+    by_row = quantize_state(state, qcfg, clip_k=uniform).records
+    single = quantize_state(state, qcfg, clip_k={n: 9.0 for n in state}).records
+    for n in state:
+        assert torch.equal(by_row[n].q, single[n].q) and by_row[n].clip_k == pytest.approx(9.0)
 
 
 def test_quantize_state_tiny_gpt_classes_tied_and_loadable():

@@ -282,6 +282,8 @@ def test_techniques_name_the_quantizer_settings():
     record = " ".join(describe_techniques(load_config("record", environ={})))
     assert "per-tensor k from the Fisher of 32 training windows, within ×/÷1.5 of those" in record
     assert "one factor on every k fitted to the cap" in record
+    rows = " ".join(describe_techniques(load_config("record", ["clip_alloc=fisher_rows"], environ={})))
+    assert "per-row k from the Fisher of 32 training windows" in rows and "per-tensor" not in rows
     baseline = " ".join(describe_techniques(load_config("baseline", environ={})))
     assert "Fisher" not in baseline and "fitted to the cap" not in baseline
 

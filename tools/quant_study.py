@@ -36,9 +36,11 @@ from golf.quant import (
 
 # Session 4 measured class k vs the Fisher allocation (range 2 and 1.5) with the scale fitter on
 # 180 s and 300 s models (docs/benchmarks.md); the record preset uses Fisher k within ×/÷1.5.
-# Next: a narrower clamp, and a Fisher from more windows (it took 5.2 s for 32 of the 12 s reserve).
-DEFAULT_VARIANTS = ["class_scale_fit=clip_alloc:class,fit", "fisher_scale_fit=fit",
-                    "fisher_range1.25_scale_fit=fisher_k_range:1.25,fit", "fisher_seqs64_scale_fit=fisher_seqs:64,fit"]
+# Next: a narrower clamp, and a k per row (free in bytes: the row scales are stored anyway).
+DEFAULT_VARIANTS = ["class_scale_fit=clip_alloc:class,fit_mode:scale,fit",
+                    "fisher_scale_fit=clip_alloc:fisher,fit_mode:scale,fisher_k_range:1.5,fit",
+                    "fisher_range1.25_scale_fit=clip_alloc:fisher,fit_mode:scale,fisher_k_range:1.25,fit",
+                    "fisher_rows_scale_fit=clip_alloc:fisher_rows,fit_mode:scale,fisher_k_range:1.5,fit"]
 
 
 def parse_variant(spec: str) -> tuple[str, dict[str, str], bool]:
@@ -95,7 +97,7 @@ def main() -> int:
         if fit:
             qs, blob, changes = fit_to_budget(state, hessians, vcfg.quant, vcfg.model, meta, 0, fisher=fisher)
         else:
-            clip_k = fisher_clip_k(state, fisher, vcfg.quant) if vcfg.quant.clip_alloc == "fisher" else None
+            clip_k = fisher_clip_k(state, fisher, vcfg.quant) if vcfg.quant.clip_alloc != "class" else None
             qs = quantize_state(state, vcfg.quant, hessians, clip_k=clip_k)
             blob, changes = pack_bytes(qs, vcfg.model, meta, vcfg.quant), []
         seconds = time.perf_counter() - t0
