@@ -20,9 +20,10 @@ Notable:
   - `lora` (#1530/#1626): per document, LoRA on q/k/v/o, MLP fc/proj and the head (carried by
     the `CastedLinear`s themselves, bmm per document); the document is walked in
     `lora_chunk_tokens` chunks, the adapters reset per document; context is the document's own
-    prefix, at most eval_seq_len (or `lora_context`). One forward per chunk scores it and, after its NLL is recorded,
-    gives the loss of one Adam step: the same numbers a separate no_grad pass would give, at
-    three quarters of the cost. Documents are batched with per-document adapters.
+    prefix, at most eval_seq_len (or `lora_context`). One forward per chunk scores it and, after
+    its NLL is recorded, gives the loss of one Adam step: the same numbers a separate no_grad
+    pass would give, at three quarters of the cost. Documents are batched with per-document
+    adapters.
   - phased global SGD (`lora_phases` > 0): after lora_phase_docs·k/lora_phases documents
     (k = 1..lora_phases; fixed counts, so the schedule reads no future token) one SGD pass of the
     base weights (ttt_lr, ttt_momentum, one step per ttt_chunk_tokens) runs over every document
@@ -469,6 +470,11 @@ def _eval_doc_spans(tokens_cpu: torch.Tensor, n_targets: int) -> torch.Tensor:
     return torch.stack((starts, ends), dim=1)
 
 
+def _eval_lora_window(tcfg: TTTConfig, ecfg: EvalConfig) -> int:
+    """Tokens a LoRA step sees (context + chunk): lora_context, 0 meaning eval_seq_len, at most that."""
+    return min(tcfg.lora_context or ecfg.eval_seq_len, ecfg.eval_seq_len)
+
+
 def _eval_lora_docs(run: _EvalRun, bank: _EvalLoraBank, docs: torch.Tensor) -> None:
     """Score documents chunk by chunk, each with its own adapter, `bank.slots` documents at a
     time: a slot whose document ends takes the next one, so the batch stays full. One forward
@@ -477,7 +483,7 @@ def _eval_lora_docs(run: _EvalRun, bank: _EvalLoraBank, docs: torch.Tensor) -> N
     chunk k+1 takes one Adam step on the mean NLL of chunk k. The loss is a sum over documents,
     so each adapter gets exactly its own document's gradient."""
     t = run.tcfg
-    context = min(t.lora_context or run.ecfg.eval_seq_len, run.ecfg.eval_seq_len)
+    context = _eval_lora_window(t, run.ecfg)
     plans = [_eval_doc_plan(int(d0), int(d1), t.lora_chunk_tokens, context) for d0, d1 in docs]
     queue = iter(range(len(plans)))
     doc_of: list[int | None] = [None] * bank.slots
@@ -776,7 +782,7 @@ def eval_artifact(artifact: str | Path, data: str | None = None, tokenizer: str 
     t = cfg.ttt
     detail = {"sgd": f"ttt_lr {t.ttt_lr:g}, ttt_chunk_tokens {t.ttt_chunk_tokens}, ttt_epochs {t.ttt_epochs}",
               "lora": f"lora_lr {t.lora_lr:g}, lora_rank {t.lora_rank}, lora_chunk_tokens {t.lora_chunk_tokens}, "
-                      f"lora_context {t.lora_context or cfg.eval.eval_seq_len}, "
+                      f"lora_context {_eval_lora_window(t, cfg.eval)}, "
                       f"lora_slots {t.lora_slots}, lora_phases {t.lora_phases}",
               "none": "no TTT"}[t.ttt_mode]
     log(f"eval settings (stored in the artifact unless overridden): eval_compile {cfg.eval.eval_compile}, "
