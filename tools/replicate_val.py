@@ -16,6 +16,7 @@ import torch
 
 from golf.config import GolfError
 from golf.data import BOS_ID, list_shards, load_val_tokens, write_shard
+from golf.eval import _eval_doc_spans
 
 
 def main() -> int:
@@ -26,10 +27,9 @@ def main() -> int:
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
     tokens = load_val_tokens(list_shards(args.data, "fineweb_val_*.bin"))
-    starts = torch.nonzero(tokens == BOS_ID).flatten().tolist()
-    if not starts or starts[0] != 0:
+    if tokens.numel() == 0 or int(tokens[0]) != BOS_ID:
         raise SystemExit(f"{args.data}: the validation stream does not start with BOS")
-    docs = [tokens[a:b] for a, b in zip(starts, starts[1:] + [tokens.numel()])]
+    docs = [tokens[a:b] for a, b in _eval_doc_spans(tokens, tokens.numel()).tolist()]
     order = torch.randperm(len(docs) * args.times, generator=torch.Generator().manual_seed(args.seed))
     stream = torch.cat([docs[int(i) % len(docs)] for i in order])
     out = Path(args.out) / "fineweb_val_000000.bin"
