@@ -80,9 +80,10 @@ stage_evalsmoke() {
     tail -5 "$OUT/evalsmoke.err"; EXTRA_SETS="${EXTRA_SETS:-} eval_compile=0"; echo "eval_compile=0 from here on"
   fi
 }
-stage_profile() {  # one unlooped record step under the profiler: the top CUDA kernels
+stage_profile() {  # one record step under the profiler: the top CUDA kernels (PROFILE_LOOPED=1: the looped order)
+  local frac=1.0; [ "${PROFILE_LOOPED:-0}" = 1 ] && frac=0.0
   timeout 200 python3 -m golf train --preset record --set data_path=$DATA/sp8192 --set tokenizer_path=$TOK8 \
-    --set max_wallclock_seconds=20 --set gptq_reserve_seconds=0 --set loop_enable_frac=1.0 --set profile_step=4 \
+    --set max_wallclock_seconds=20 --set gptq_reserve_seconds=0 --set loop_enable_frac=$frac --set profile_step=4 \
     --set out_dir=/tmp/profile 2>&1 | sed -n '/^profile of step/,/^step:5/p' > "$OUT/profile.txt"
   head -45 "$OUT/profile.txt"
 }
