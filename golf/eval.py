@@ -34,7 +34,8 @@ Notable:
 - Speed (CUDA, `eval_compile`): compiled blocks with dynamic shapes and dynamo's duck shaping off;
   widths round up to a multiple of 64 and a lone row runs as two, so an evaluation compiles a
   handful of graphs; batch indices come from the CPU plan and are copied without blocking, so the
-  scoring loop never waits on the GPU.
+  scoring loop never waits on the GPU. The graphs compile before anything is scored, on synthetic
+  windows, and that time is reported on its own (`compile_s`).
 - no_grad rather than inference_mode: the model caches rotary tables, and tables created in
   inference mode would make the same model untrainable afterwards (mid-training eval, TTT).
 - `assert_causal` is the executable legality check: change every token after p, re-evaluate, and
@@ -307,6 +308,33 @@ class _EvalRun:
     log: Callable[[str], None]
     rank: int
     world_size: int
+    compiled: bool = False  # blocks run compiled: _eval_warmup compiles them before anything is scored
+
+
+def _eval_warmup(run: _EvalRun, width: int, rows: int, scored: int, train: bool,
+                 bank: "_EvalLoraBank | None" = None) -> None:
+    """Compile before scoring, on its own clock (`compile_s`): one batch of `rows` synthetic windows
+    (token 0, no validation token) of `width` tokens scoring their last `scored`, in grad mode
+    with a backward when the mode trains. With dynamic shapes the graphs then serve every later
+    width. Nothing it touches survives: base-weight grads are dropped, and every LoRA slot is
+    reset to its fresh adapters with no Adam history (slots are reset again before each document)."""
+    if not run.compiled:
+        return
+    tokens = torch.zeros(width + 1, dtype=torch.int64, device=run.tokens.device)
+    plan = torch.tensor([[0, width, width - scored]] * max(rows, 2))
+    with run.clock("compile_s"):
+        if bank is not None:
+            bank.use(list(range(bank.slots)))
+        with torch.set_grad_enabled(train):
+            nll = _eval_window_nll(run.model, tokens, plan, run.amp())
+        if train:
+            nll.sum().backward()
+        if bank is not None:
+            bank.step(torch.zeros(bank.slots, dtype=torch.bool, device=tokens.device))  # compiles the update
+            bank.use(None)
+            for slot in range(bank.slots):
+                bank.reset(slot)
+        run.model.zero_grad(set_to_none=True)
 
 
 def _eval_score_rows(run: _EvalRun, rows: torch.Tensor) -> None:
@@ -319,7 +347,13 @@ def _eval_score_rows(run: _EvalRun, rows: torch.Tensor) -> None:
 def _eval_windows(run: _EvalRun) -> None:
     plan = window_plan(run.n_targets, run.ecfg.eval_seq_len, run.ecfg.eval_stride)
     a, b = _eval_rank_range(plan.size(0), run.rank, run.world_size)
+    _eval_warmup_scoring(run)
     _eval_score_rows(run, plan[a:b])
+
+
+def _eval_warmup_scoring(run: _EvalRun) -> None:
+    e = run.ecfg
+    _eval_warmup(run, e.eval_seq_len, e.eval_batch_seqs, e.eval_stride or e.eval_seq_len, train=False)
 
 
 # ----------------------------------------------------------------------------- SGD TTT
@@ -357,6 +391,8 @@ def _eval_ttt_sgd(run: _EvalRun) -> None:
     for p in params:
         p.requires_grad_(True)
     opt = torch.optim.SGD(params, lr=t.ttt_lr, momentum=t.ttt_momentum)
+    _eval_warmup_scoring(run)
+    _eval_warmup(run, run.ecfg.eval_seq_len, run.ecfg.eval_batch_seqs, run.ecfg.eval_seq_len, train=True)
     bounds = list(range(0, run.n_targets, t.ttt_chunk_tokens)) + [run.n_targets]
     n_chunks = len(bounds) - 1
     every = max(1, n_chunks // 20)
@@ -530,13 +566,19 @@ def _eval_ttt_lora(run: _EvalRun, tokens_cpu: torch.Tensor) -> None:
     for p in params:
         p.requires_grad_(False)  # LoRA steps need no base-weight grads
     device = run.tokens.device
-    bank = _EvalLoraBank(run.model, t.lora_rank, t.lora_slots, t.lora_lr, device,
-                         compile_step=run.ecfg.eval_compile and device.type == "cuda")
+    bank = _EvalLoraBank(run.model, t.lora_rank, t.lora_slots, t.lora_lr, device, compile_step=run.compiled)
+    _eval_warmup(run, _eval_lora_window(t, run.ecfg), t.lora_slots, t.lora_chunk_tokens, train=True, bank=bank)
     # Pauses at fixed document counts (never depending on how many documents follow).
     pauses = sorted({round(k * t.lora_phase_docs / t.lora_phases) for k in range(1, t.lora_phases + 1)}
                     if t.lora_phases > 0 else set())
     bounds = [0] + [p for p in pauses if 0 < p < n_docs] + [n_docs]
     opt = torch.optim.SGD(params, lr=t.ttt_lr, momentum=t.ttt_momentum) if len(bounds) > 2 else None
+    if opt is not None:  # the global SGD's graphs (base weights with grads, no adapters) too
+        for p in params:
+            p.requires_grad_(True)
+        _eval_warmup(run, run.ecfg.eval_seq_len, run.ecfg.eval_batch_seqs, run.ecfg.eval_seq_len, train=True)
+        for p in params:
+            p.requires_grad_(False)
     for g in range(len(bounds) - 1):
         group = docs[bounds[g]:bounds[g + 1]]
         # contiguous documents per rank, balanced by tokens; longest first within a rank
@@ -598,14 +640,15 @@ def evaluate(model: GPT, val_tokens: torch.Tensor, table: ByteTable, ecfg: EvalC
     work = copy.deepcopy(model) if tcfg.ttt_mode != "none" else model
     work.eval()
     clock = _EvalClock(device)
+    compiled = _eval_compiles(ecfg, device)
     run = _EvalRun(work, tokens_cpu.to(device), n_targets, ecfg, tcfg,
                    _EvalSink(device, keep_values=dump_path is not None), clock, amp,
-                   log if rank == 0 else (lambda _msg: None), rank, world_size)
+                   log if rank == 0 else (lambda _msg: None), rank, world_size, compiled)
     # Window widths, batch sizes and LoRA chunks vary: one dynamic-shape graph per region and mode.
     # Without duck shaping, a width that happens to equal a LoRA dimension (both symbolic) is not
     # unified with it and then specialized to that value, which recompiled graph after graph.
     try:
-        with work.blocks_compiled(ecfg.eval_compile and device.type == "cuda", dynamic=True), \
+        with work.blocks_compiled(compiled, dynamic=True), \
                 fx_config.patch(use_duck_shape=False):
             if tcfg.ttt_mode == "sgd":
                 _eval_ttt_sgd(run)
@@ -619,6 +662,10 @@ def evaluate(model: GPT, val_tokens: torch.Tensor, table: ByteTable, ecfg: EvalC
         n_tokens, n_bytes, nll_sum = run.sink.finish(tokens_cpu, n_targets, table, dump_path)
     return EvalResult(tokens=n_tokens, bytes=n_bytes, nll_sum=nll_sum, val_loss=nll_sum / n_tokens,
                       val_bpb=nll_sum / math.log(2) / max(n_bytes, 1), times=dict(clock.times), mode=mode)
+
+
+def _eval_compiles(ecfg: EvalConfig, device: torch.device) -> bool:
+    return ecfg.eval_compile and device.type == "cuda"
 
 
 def _eval_check_dump(dump_nll: str | Path | None, overwrite: bool) -> Path | None:

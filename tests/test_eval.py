@@ -203,6 +203,25 @@ def test_ttt_adapts_and_reduces_to_plain_scoring_at_zero_lr(tiny_eval, tmp_path)
     np.testing.assert_allclose(batched, single, atol=1e-4)
 
 
+@pytest.mark.parametrize("variant", ["sliding", "sgd", "lora_phased"])
+def test_compile_warmup_leaves_no_trace(tiny_eval, tmp_path, monkeypatch, variant):
+    """The warmup that compiles before scoring (on CUDA) runs here eagerly, forced on: it gets its
+    own clock, and every NLL is bitwise the one of an evaluation without it (no base-weight grad,
+    no SGD momentum, no LoRA adapter or Adam moment survives it)."""
+    import golf.eval as golf_eval
+
+    ecfg, tcfg = VARIANTS[variant]
+    m, table, tokens = tiny_eval.model, tiny_eval.table, tiny_eval.stream
+    plain = evaluate(m, tokens, table, ecfg, tcfg, dump_nll=tmp_path / "plain.npy", **QUIET)
+    monkeypatch.setattr(golf_eval, "_eval_compiles", lambda _ecfg, _device: True)
+    monkeypatch.setattr(GPT, "compile_blocks", lambda self, enable=True, dynamic=None: None)
+    monkeypatch.setattr(torch, "compile", lambda fn, **_kw: fn)
+    warmed = evaluate(m, tokens, table, ecfg, tcfg, dump_nll=tmp_path / "warm.npy", **QUIET)
+    assert "compile_s" in warmed.times and "compile_s" not in plain.times
+    np.testing.assert_array_equal(np.load(tmp_path / "warm.npy"), np.load(tmp_path / "plain.npy"))
+    assert warmed.nll_sum == plain.nll_sum
+
+
 def test_lora_context_limits_the_window_of_each_step(tiny_eval, tmp_path):
     """At lr 0 the adapters stay zero, so LoRA scores each chunk from its document prefix: with
     lora_context 64 (chunks of 32) the first 64 targets of a document keep the full window's NLL
