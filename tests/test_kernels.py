@@ -1,5 +1,5 @@
-"""golf.kernels.softcap_ce: the torch reference against its closed form, and the Triton kernels
-against the reference, run on CPU by the Triton interpreter.
+"""golf.kernels: softcap_ce's torch reference against its closed form, and the Triton kernels of
+softcap_ce and leaky_mlp against their references, run on CPU by the Triton interpreter.
 
 TRITON_INTERPRET must be set before triton is imported, so the kernel cases run once in a child
 process (this file as a script) that prints one JSON line of per-case errors.
@@ -17,6 +17,7 @@ import sys
 import pytest
 import torch
 import torch.nn.functional as F
+from golf.kernels.leaky_mlp import leaky_relu2_mlp, leaky_relu2_mlp_reference
 from golf.kernels.softcap_ce import softcap_cross_entropy, softcap_cross_entropy_reference
 
 # Shapes straddle the 4096-wide block: one partial block, an exact multiple, a ragged tail.
@@ -100,6 +101,46 @@ def test_dispatcher_on_cpu_is_reference():
     assert got.dtype == torch.float32 and dz.dtype == torch.bfloat16 and dz.shape == z.shape
 
 
+# (leading shape, K, hidden, out, dtype): ragged against the interpreter's 32-wide blocks, K not a
+# multiple of the block, a 3-D input, and the record's 16-bit dtype.
+MLP_CASES = {
+    "mlp_fp32_ragged": ((70,), 48, 100, 40, torch.float32),
+    "mlp_fp32_3d": ((2, 35), 64, 96, 64, torch.float32),
+    "mlp_bf16": ((3, 40), 64, 128, 64, torch.bfloat16),
+}
+
+
+def mlp_case(lead, k, hidden, out, dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(*lead, k, generator=g).to(dtype)
+    w_fc = (torch.randn(hidden, k, generator=g) / math.sqrt(k)).to(dtype)
+    w_proj = (torch.randn(out, hidden, generator=g) / math.sqrt(hidden)).to(dtype)
+    return x, w_fc, w_proj
+
+
+def run_mlp_cases() -> dict:
+    """Output and the three gradients of the fused MLP, relative to the float64 reference; the
+    same for the plain-torch path in the case's dtype (the rounding the model has without it)."""
+    from golf.kernels.leaky_mlp import leaky_relu2_mlp_triton
+
+    out = {}
+    for name, spec in MLP_CASES.items():
+        inputs = mlp_case(*spec)
+        ref_in = [t.double().requires_grad_() for t in inputs]
+        ref_y = leaky_relu2_mlp_reference(*ref_in)
+        grad_y = torch.randn(ref_y.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+        ref_grads = torch.autograd.grad(ref_y, ref_in, grad_y)
+        errors = {}
+        for path, fn in (("triton", leaky_relu2_mlp_triton), ("torch", leaky_relu2_mlp_reference)):
+            leaves = [t.clone().requires_grad_() for t in inputs]
+            y = fn(*leaves)
+            grads = torch.autograd.grad(y, leaves, grad_y.to(y.dtype))
+            errors[path] = [rel(y, ref_y)] + [rel(a, b) for a, b in zip(grads, ref_grads)]
+            errors[f"{path}_dtypes_kept"] = all(t.dtype == inputs[0].dtype for t in (y, *grads))
+        out[name] = errors
+    return out
+
+
 def run_interp_cases() -> dict:
     from golf.kernels.softcap_ce import softcap_cross_entropy_triton
 
@@ -145,5 +186,24 @@ def test_triton_interpreter_matches_reference(interp_results, name):
     assert r["dz_rel"] < tol
 
 
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
+@pytest.mark.parametrize("name", list(MLP_CASES))
+def test_fused_mlp_interpreter_matches_reference(interp_results, name):
+    """y, dx, dW_fc, dW_proj of the fused kernels against float64: within 1e-5 in fp32, and in
+    bf16 no further off than the plain-torch path in bf16 (2× and 1e-3 of slack)."""
+    r = interp_results["mlp"][name]
+    assert r["triton_dtypes_kept"]
+    for got, plain in zip(r["triton"], r["torch"]):
+        if MLP_CASES[name][-1] == torch.float32:
+            assert got < 1e-5
+        else:
+            assert got < 2 * plain + 1e-3
+
+
+def test_fused_mlp_falls_back_to_the_reference_on_cpu():
+    x, w_fc, w_proj = mlp_case((4, 9), 16, 32, 16, torch.float32)
+    assert torch.equal(leaky_relu2_mlp(x, w_fc, w_proj), leaky_relu2_mlp_reference(x, w_fc, w_proj))
+
+
 if __name__ == "__main__":
-    print(json.dumps(run_interp_cases()))
+    print(json.dumps({**run_interp_cases(), "mlp": run_mlp_cases()}))

@@ -1,13 +1,13 @@
-"""Benchmark softcapped cross-entropy forward+backward on one CUDA GPU.
+"""Benchmark golf's Triton kernels, forward+backward, on one CUDA GPU.
 
-Times (triton.testing.do_bench, median) the eager torch reference, torch.compile of it, and the
-Triton kernels of golf.kernels.softcap_ce at the record micro-batch (98304 tokens, vocab 8192,
-bf16 logits z), then checks the Triton loss and dz against an fp32 reference.
+Times (triton.testing.do_bench, median) each kernel against the eager torch reference and
+torch.compile of it, at the record micro-batch, and checks its results against fp32:
+- softcapped cross-entropy (golf.kernels.softcap_ce): 98,304 tokens, vocab 8,192, bf16 logits z.
+  GB/s is against the least traffic the op needs (read z twice, write dz once); "peak GiB" is the
+  allocation high-water mark above the inputs for one call.
+- the LeakyReLU(0.5)² MLP (golf.kernels.leaky_mlp): 131,072 tokens, 512 → 2,048 → 512, bf16.
 
-GB/s is measured against the least traffic the op needs: read z twice (forward, backward) and
-write dz once. "peak GiB" is the allocation high-water mark above the inputs for one call.
-
-    python tools/bench_kernels.py [--n 98304] [--v 8192] [--softcap 30] [--no-compile]
+    python tools/bench_kernels.py [--n 98304] [--v 8192] [--softcap 30] [--mlp-tokens 131072] [--no-compile]
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ import argparse
 import sys
 
 import torch
+from golf.kernels.leaky_mlp import leaky_relu2_mlp_reference, leaky_relu2_mlp_triton
 from golf.kernels.softcap_ce import softcap_cross_entropy_reference, softcap_cross_entropy_triton
 
 
@@ -43,12 +44,55 @@ def peak_extra_gib(fn) -> float:
     return (torch.cuda.max_memory_allocated() - base) / 2**30
 
 
+def bench_mlp(args, do_bench) -> bool:
+    """Fused MLP kernels against torch.compile of the module path (cuBLAS matmuls, fused activation
+    kernels), forward+backward on the same bf16 inputs; errors against an fp32 reference."""
+    dev = torch.device("cuda")
+    g = torch.Generator(device=dev).manual_seed(0)
+    d, hidden = 512, 2048
+    x = torch.randn(args.mlp_tokens, d, device=dev, generator=g).bfloat16()
+    w_fc = (torch.randn(hidden, d, device=dev, generator=g) / d**0.5).bfloat16()
+    w_proj = (torch.randn(d, hidden, device=dev, generator=g) / hidden**0.5).bfloat16()
+    grad_y = torch.randn(args.mlp_tokens, d, device=dev, generator=g).bfloat16()
+    leaves = [t.requires_grad_() for t in (x, w_fc, w_proj)]
+
+    def fwd_bwd(fn):
+        return (fn(*leaves), *torch.autograd.grad(fn(*leaves), leaves, grad_y))
+
+    ref_in = [t.detach().float().requires_grad_() for t in leaves]
+    ref_y = leaky_relu2_mlp_reference(*ref_in)
+    ref = (ref_y.detach(), *torch.autograd.grad(ref_y, ref_in, grad_y.float()))
+    del ref_y, ref_in
+    impls = {"eager reference": leaky_relu2_mlp_reference}
+    if not args.no_compile:
+        impls["torch.compile(reference)"] = torch.compile(leaky_relu2_mlp_reference, dynamic=False)
+    impls["triton fused"] = leaky_relu2_mlp_triton
+    flops = 6 * 2 * args.mlp_tokens * d * hidden  # two matmuls, forward + two backward each
+    print(f"\nLeakyReLU² MLP: {args.mlp_tokens} tokens × {d} → {hidden} → {d}, bf16, forward + backward "
+          f"({flops / 1e12:.2f} TFLOP)")
+    print(f"{'fwd+bwd':<26}{'ms':>9}{'TFLOP/s':>9}{'err y':>10}{'err dx':>10}{'err dW_fc':>11}{'err dW_proj':>12}")
+    ok = True
+    for name, fn in impls.items():
+        def step(fn=fn):
+            y = fn(*leaves)
+            return torch.autograd.grad(y, leaves, grad_y)
+
+        errs = [rel_err(a, b) for a, b in zip(fwd_bwd(fn), ref)]  # also compiles / autotunes
+        ms = do_bench(step, warmup=25, rep=200, return_mode="median")
+        ok &= max(errs) < 2e-2
+        print(f"{name:<26}{ms:>9.3f}{flops / (ms * 1e-3) / 1e12:>9.0f}" + "".join(f"{e:>10.1e}" for e in errs[:3])
+              + f"{errs[3]:>12.1e}")
+        torch.cuda.empty_cache()
+    return ok
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--n", type=int, default=98304, help="rows (tokens)")
     ap.add_argument("--v", type=int, default=8192, help="vocab size")
     ap.add_argument("--softcap", type=float, default=30.0)
-    ap.add_argument("--no-compile", action="store_true", help="skip the torch.compile row")
+    ap.add_argument("--mlp-tokens", type=int, default=131072, help="tokens of the MLP benchmark")
+    ap.add_argument("--no-compile", action="store_true", help="skip the torch.compile rows")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         print("bench_kernels: needs a CUDA GPU", file=sys.stderr)
@@ -90,6 +134,7 @@ def main() -> int:
     print(f"{'fwd+bwd':<26}{'ms':>9}{'GB/s':>9}{'peak GiB':>10}{'speedup':>9}")
     for name, ms, gbs, peak in rows:
         print(f"{name:<26}{ms:>9.3f}{gbs:>9.0f}{peak:>10.2f}{eager_ms / ms:>8.2f}x")
+    ok &= bench_mlp(args, do_bench)
     return 0 if ok else 1
 
 
