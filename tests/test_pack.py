@@ -340,7 +340,7 @@ def test_cli_budget_and_quantize(tmp_path, tiny_tokenizer):
     runner = CliRunner()
     res = runner.invoke(app, ["budget", "--preset", "tiny"])
     assert res.exit_code == 0 and "TOTAL" in res.output and "mlp" in res.output
-    assert "a run quantizes with its Fisher-allocated k per tensor, then one factor on every k" in res.output
+    assert "a run quantizes with its Fisher-allocated k per row, then one factor on every k" in res.output
 
     cfg = tiny()
     data = tmp_path / "data"

@@ -30,6 +30,7 @@ stage_setup() {
 build() {  # build VOCAB TOKENIZER VAL_DIR
   local out=$DATA/sp$1
   [ -e "$out/fineweb_train_000000.bin" ] && return
+  rm -f "$out/fineweb_val_000000.bin"  # a copy val8192 put there; the build refuses to overwrite it
   python3 -m golf data build .carry/proxy/*.jsonl.gz .carry/proxy/*.jsonl.xz --tokenizer "$2" \
     --out "$out" --val-docs 0 --workers 16 2>&1 | tail -1
   cp "$3/fineweb_val_000000.bin" "$out/"

@@ -35,13 +35,14 @@ from golf.quant import (
     quantize_state,
 )
 
-# Session 4 measured class k against the Fisher allocation (range 2 and 1.5) with the scale fitter on
-# 180 s and 300 s models (docs/benchmarks.md); the record preset uses Fisher k within ×/÷1.5.
-# Next: a narrower clamp, and a k per row (free in bytes: the row scales are stored anyway). Three
-# fitted variants fit in one 600 s device call next to 300 s of training.
-DEFAULT_VARIANTS = ["fisher_scale_fit=clip_alloc:fisher,fit_mode:scale,fisher_k_range:1.5,fit",
-                    "fisher_range1.25_scale_fit=clip_alloc:fisher,fit_mode:scale,fisher_k_range:1.25,fit",
-                    "fisher_rows_scale_fit=clip_alloc:fisher_rows,fit_mode:scale,fisher_k_range:1.5,fit"]
+# Sessions 4–5 measured, on 300 s record models with the scale fitter: class k +0.0116, Fisher k per
+# tensor within ×/÷1.5 +0.0089 (×/÷1.25 and ×/÷2 worse), Fisher k per row within ×/÷1.5 +0.0077
+# (docs/benchmarks.md); the record preset uses the last. Next: a wider clamp for the per-row k, and
+# a per-row Fisher from 4× the windows (less noise per row). Three fitted variants fit in one 600 s
+# device call next to 300 s of training.
+DEFAULT_VARIANTS = ["rows1.5=clip_alloc:fisher_rows,fit_mode:scale,fisher_k_range:1.5,fit",
+                    "rows2.5=clip_alloc:fisher_rows,fit_mode:scale,fisher_k_range:2.5,fit",
+                    "rows2.5_seqs128=clip_alloc:fisher_rows,fit_mode:scale,fisher_k_range:2.5,fisher_seqs:128,fit"]
 
 
 def parse_variant(spec: str) -> tuple[str, dict[str, str], bool]:
@@ -82,11 +83,19 @@ def main() -> int:
     t0 = time.perf_counter()
     with amp:
         hessians = collect_hessians(model, calibration_batches(cfg, device))
-        t1 = time.perf_counter()
-        fisher = collect_fisher(model, calibration_batches(cfg, device), cfg.quant.fisher_seqs)
-    print(f"unquantized val_bpb {base:.6f}; {len(hessians)} Hessians in {t1 - t0:.1f}s, "
-          f"Fisher of {cfg.quant.fisher_seqs} windows in {time.perf_counter() - t1:.1f}s", flush=True)
-    allocated = fisher_clip_k(state, fisher, cfg.quant)
+    print(f"unquantized val_bpb {base:.6f}; {len(hessians)} Hessians in {time.perf_counter() - t0:.1f}s", flush=True)
+    fishers: dict[int, dict[str, torch.Tensor]] = {}
+
+    def fisher_of(seqs: int) -> dict[str, torch.Tensor]:
+        """The Fisher of `seqs` training windows, collected once per count a variant asks for."""
+        if seqs not in fishers:
+            t1 = time.perf_counter()
+            with amp:
+                fishers[seqs] = collect_fisher(model, calibration_batches(cfg, device), seqs)
+            print(f"Fisher of {seqs} windows in {time.perf_counter() - t1:.1f}s", flush=True)
+        return fishers[seqs]
+
+    allocated = fisher_clip_k(state, fisher_of(cfg.quant.fisher_seqs), cfg.quant)
     for klass in sorted({quant_class(n) for n in allocated}):
         ks = sorted((k, n) for n, k in allocated.items() if quant_class(n) == klass)
         print(f"Fisher clip k, {klass}: {ks[0][0]:.2f} ({ks[0][1]}) … {ks[-1][0]:.2f} ({ks[-1][1]}) over {len(ks)} "
@@ -97,6 +106,7 @@ def main() -> int:
         name, overrides, fit = parse_variant(spec)
         vcfg = load_config(config_file=str(run / "config.json"), overrides=args.set + [f"{k}={v}" for k, v in
                                                                                       overrides.items()])
+        fisher = fisher_of(vcfg.quant.fisher_seqs)
         t0 = time.perf_counter()
         if fit:
             qs, blob, changes = fit_to_budget(state, hessians, vcfg.quant, vcfg.model, meta, 0, fisher=fisher)
