@@ -77,8 +77,6 @@ class ModelConfig:
     stream_dtype: str = "float32"
     # training loss through golf.kernels.softcap_ce (Triton on CUDA, the torch reference elsewhere)
     fused_ce: bool = False
-    # training on CUDA: the LeakyReLU² MLP's activation inside its matmuls (golf.kernels.leaky_mlp)
-    fused_mlp: bool = False
 
 
 @dataclass
@@ -248,7 +246,6 @@ class Config:
                f"rope_dims must be even and in [0, {head_dim}]")
         _check(m.mlp_mult > 0, "mlp_mult must be > 0")
         _check(m.mlp_act in ("relu2", "leaky_relu2"), "mlp_act must be relu2 or leaky_relu2")
-        _check(not m.fused_mlp or m.mlp_act == "leaky_relu2", "fused_mlp needs mlp_act=leaky_relu2")
         _check(m.logit_softcap >= 0, "logit_softcap must be >= 0")
         _check(m.num_loops >= 1, "num_loops must be >= 1")
         if m.num_loops > 1:

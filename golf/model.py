@@ -33,7 +33,6 @@ from torch import Tensor, nn
 
 from golf.config import ATTN_BACKENDS, ConfigError, GolfError, ModelConfig
 from golf.data import BOS_ID
-from golf.kernels.leaky_mlp import leaky_relu2_mlp
 from golf.kernels.softcap_ce import softcap_cross_entropy
 
 try:  # FlashAttention 3 (Hopper build)
@@ -195,22 +194,16 @@ class GPTAttention(nn.Module):
 
 
 class GPTMLP(nn.Module):
-    """fc → relu² or LeakyReLU(0.5)² → proj (zero-init).
-
-    With `fused_mlp`, training on CUDA runs golf.kernels.leaky_mlp (the activation inside the
-    matmuls); evaluation, LoRA TTT and GPTQ's hooks always take the module path."""
+    """fc → relu² or LeakyReLU(0.5)² → proj (zero-init)."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         hidden = int(cfg.mlp_mult * cfg.model_dim)
         self.leaky = cfg.mlp_act == "leaky_relu2"
-        self.fused = cfg.fused_mlp
         self.fc = CastedLinear(cfg.model_dim, hidden)
         self.proj = CastedLinear(hidden, cfg.model_dim, zero_init=True)
 
     def forward(self, x: Tensor) -> Tensor:
-        if self.fused and self.training and self.fc.lora is None and self.proj.lora is None:
-            return leaky_relu2_mlp(x, self.fc.weight.to(x.dtype), self.proj.weight.to(x.dtype))
         h = self.fc(x)
         h = F.leaky_relu(h, 0.5) if self.leaky else F.relu(h)
         return self.proj(h.square())

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 import golf.model as model_mod
-from golf.config import ConfigError, GolfError, ModelConfig, load_config, record, tiny
+from golf.config import GolfError, ModelConfig, record, tiny
 from golf.model import GPT, causal_attention, resolve_attn_backend, virtual_layer_order, xsa_project
 
 CONTROL_WORDS = ("scale", "gain", "mix", "gate", "skip", "lambda", "route")
@@ -182,27 +182,6 @@ def test_fused_ce_loss_and_gradients_match_the_head_loss(softcap):
     torch.testing.assert_close(fused, plain, rtol=1e-6, atol=1e-6)
     for name, grad in plain_grads.items():
         torch.testing.assert_close(fused_grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
-
-
-def test_fused_mlp_switch_keeps_loss_and_gradients():
-    """`fused_mlp` routes training through golf.kernels.leaky_mlp (its reference off CUDA): the same
-    loss and gradients bit for bit, and an eval-mode model (GPTQ hooks, LoRA) keeps the modules."""
-    results = []
-    for fused in (False, True):
-        model = perturbed(small_cfg(**ALL_ON, fused_mlp=fused), seed=5)
-        ids = torch.randint(0, model.cfg.vocab_size, (2, 16))
-        loss = model.loss(ids, torch.roll(ids, -1, 1))
-        loss.backward()
-        results.append((loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}))
-    assert torch.equal(results[0][0], results[1][0])
-    assert all(torch.equal(results[0][1][n], g) for n, g in results[1][1].items())
-    seen = []
-    model.blocks[0].mlp.fc.register_forward_hook(lambda *_: seen.append(1))
-    model.eval()
-    model(ids)
-    assert seen  # the hook fired: eval mode never takes the fused path
-    with pytest.raises(ConfigError, match="fused_mlp"):
-        load_config("record", ["mlp_act=relu2", "fused_mlp=1"])
 
 
 def test_causal_with_every_switch_on():
