@@ -24,10 +24,11 @@ Notable:
     its NLL is recorded, gives the loss of one Adam step: the same numbers a separate no_grad
     pass would give, at three quarters of the cost. Documents are batched with per-document
     adapters.
-  - phased global SGD (`lora_phases` > 0): after lora_phase_docs·k/lora_phases documents
-    (k = 1..lora_phases; fixed counts, so the schedule reads no future token) one SGD pass of the
-    base weights (ttt_lr, ttt_momentum, one step per ttt_chunk_tokens) runs over every document
-    scored so far, and only those.
+  - phased global SGD (`lora_phases` > 0): once the first lora_phase_docs·k/lora_phases documents
+    (k = 1..lora_phases; fixed counts, so the schedule reads no future token) are all scored, one
+    SGD pass of the base weights (ttt_lr, ttt_momentum, one step per ttt_chunk_tokens) runs over
+    exactly those. The documents after them keep going through the pause (no slot waits for the
+    last ones to finish), so which of their chunks come after an SGD pass depends on the schedule.
   TTT works on a deep copy: the caller's model is never modified.
 - Distributed: each rank scores a contiguous range of windows (or documents); float64 sums are
   all-reduced, so N ranks give what one process gives (up to summation order).
@@ -275,22 +276,34 @@ def _eval_write_npy(path: Path, array: np.ndarray) -> None:
 
 
 class _EvalClock:
-    """Wallclock seconds per phase (synchronizing CUDA at phase edges)."""
+    """Wallclock seconds per phase (synchronizing CUDA at phase edges). A phase opened inside
+    another stops the outer one's clock while it runs, so phases never overlap."""
 
     def __init__(self, device: torch.device):
         self.device, self.times = device, {}
+        self._open: list[list] = []  # [phase, start of its current stretch]
+
+    def _tick(self) -> float:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return time.perf_counter()
+
+    def _stop(self, entry: list, now: float) -> None:
+        self.times[entry[0]] = self.times.get(entry[0], 0.0) + now - entry[1]
 
     @contextlib.contextmanager
     def __call__(self, phase: str):
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-        t0 = time.perf_counter()
+        now = self._tick()
+        if self._open:
+            self._stop(self._open[-1], now)
+        self._open.append([phase, now])
         try:
             yield
         finally:
-            if self.device.type == "cuda":
-                torch.cuda.synchronize(self.device)
-            self.times[phase] = self.times.get(phase, 0.0) + time.perf_counter() - t0
+            now = self._tick()
+            self._stop(self._open.pop(), now)
+            if self._open:
+                self._open[-1][1] = now
 
 
 @dataclass
@@ -511,16 +524,25 @@ def _eval_lora_window(tcfg: TTTConfig, ecfg: EvalConfig) -> int:
     return min(tcfg.lora_context or ecfg.eval_seq_len, ecfg.eval_seq_len)
 
 
-def _eval_lora_docs(run: _EvalRun, bank: _EvalLoraBank, docs: torch.Tensor) -> None:
-    """Score documents chunk by chunk, each with its own adapter, `bank.slots` documents at a
-    time: a slot whose document ends takes the next one, so the batch stays full. One forward
-    per step does both jobs for every slot's current chunk k: its NLL is recorded as the score of
-    chunk k (made with adapters trained on chunks < k only), then every document that has a
-    chunk k+1 takes one Adam step on the mean NLL of chunk k. The loss is a sum over documents,
-    so each adapter gets exactly its own document's gradient."""
+def _eval_lora_docs(run: _EvalRun, bank: _EvalLoraBank, docs: list[tuple[int, int, int]], n_groups: int,
+                    pause: Callable[[int], None] | None = None) -> None:
+    """Score documents (d0, d1, group) chunk by chunk, each with its own adapter, `bank.slots`
+    documents at a time, in the given order: a slot whose document ends takes the next one, so
+    the batch stays full. One forward per step does both jobs for every slot's current chunk k:
+    its NLL is recorded as the score of chunk k (made with adapters trained on chunks < k only),
+    then every document that has a chunk k+1 takes one Adam step on the mean NLL of chunk k. The
+    loss is a sum over documents, so each adapter gets exactly its own document's gradient.
+
+    `pause(g)` runs (once per g < n_groups - 1, in order) as soon as this rank has finished every
+    document of groups 0..g; the slots keep their documents and adapters across it, so no slot
+    idles while the last documents of a group finish."""
     t = run.tcfg
     context = _eval_lora_window(t, run.ecfg)
-    plans = [_eval_doc_plan(int(d0), int(d1), t.lora_chunk_tokens, context) for d0, d1 in docs]
+    plans = [_eval_doc_plan(d0, d1, t.lora_chunk_tokens, context) for d0, d1, _ in docs]
+    unfinished = [0] * n_groups
+    for *_, g in docs:
+        unfinished[g] += 1
+    paused = 0
     queue = iter(range(len(plans)))
     doc_of: list[int | None] = [None] * bank.slots
     chunk_of = [0] * bank.slots
@@ -530,9 +552,17 @@ def _eval_lora_docs(run: _EvalRun, bank: _EvalLoraBank, docs: torch.Tensor) -> N
         if doc_of[slot] is not None:
             bank.reset(slot)
 
+    def pause_when_done() -> None:
+        nonlocal paused
+        while pause is not None and paused < n_groups - 1 and not any(unfinished[:paused + 1]):
+            bank.use(None)
+            pause(paused)
+            paused += 1
+
     for slot in range(bank.slots):
         refill(slot)
     try:
+        pause_when_done()  # a rank without documents in the first groups
         while any(d is not None for d in doc_of):
             active = [s for s in range(bank.slots) if doc_of[s] is not None]
             rows = torch.stack([plans[doc_of[s]][chunk_of[s]] for s in active])
@@ -553,7 +583,10 @@ def _eval_lora_docs(run: _EvalRun, bank: _EvalLoraBank, docs: torch.Tensor) -> N
             for s in active:
                 chunk_of[s] += 1
                 if chunk_of[s] == plans[doc_of[s]].size(0):
+                    unfinished[docs[doc_of[s]][2]] -= 1
                     refill(s)
+            pause_when_done()
+        pause_when_done()
     finally:
         bank.use(None)
 
@@ -579,6 +612,7 @@ def _eval_ttt_lora(run: _EvalRun, tokens_cpu: torch.Tensor) -> None:
         _eval_warmup(run, run.ecfg.eval_seq_len, run.ecfg.eval_batch_seqs, run.ecfg.eval_seq_len, train=True)
         for p in params:
             p.requires_grad_(False)
+    mine: list[tuple[int, int, int]] = []  # this rank's documents, group after group
     for g in range(len(bounds) - 1):
         group = docs[bounds[g]:bounds[g + 1]]
         # contiguous documents per rank, balanced by tokens; longest first within a rank
@@ -586,15 +620,20 @@ def _eval_ttt_lora(run: _EvalRun, tokens_cpu: torch.Tensor) -> None:
         total = int(cum[-1])
         lo, hi = (int(torch.searchsorted(cum, total * r // run.world_size, right=True))
                   for r in (run.rank, run.rank + 1))
-        mine = group[lo:hi]
-        mine = mine[torch.argsort(mine[:, 0] - mine[:, 1], stable=True)]
-        with run.clock("lora_s"):  # one phase: a clock edge syncs with the GPU
-            _eval_lora_docs(run, bank, mine)
-        if g < len(bounds) - 2:
-            scored_end = int(group[-1, 1])
-            _eval_phase_sgd(run, params, opt, scored_end)
-            run.log(f"ttt_lora phase:{g + 1}/{len(bounds) - 2} docs_scored:{bounds[g + 1]} "
-                    f"global_sgd_tokens:{scored_end} elapsed:{sum(run.clock.times.values()):.1f}s")
+        share = group[lo:hi]
+        share = share[torch.argsort(share[:, 0] - share[:, 1], stable=True)]
+        mine += [(int(d0), int(d1), g) for d0, d1 in share.tolist()]
+
+    def pause(g: int) -> None:
+        """Global SGD over the documents of groups 0..g: on this rank they are all scored, and the
+        gradient all-reduce of the first step waits for every other rank to get there too."""
+        scored_end = int(docs[bounds[g + 1] - 1, 1])
+        _eval_phase_sgd(run, params, opt, scored_end)
+        run.log(f"ttt_lora phase:{g + 1}/{len(bounds) - 2} docs_scored:{bounds[g + 1]} "
+                f"global_sgd_tokens:{scored_end} elapsed:{sum(run.clock.times.values()):.1f}s")
+
+    with run.clock("lora_s"):  # a clock edge syncs with the GPU; the pauses run on their own clock
+        _eval_lora_docs(run, bank, mine, len(bounds) - 1, pause if opt is not None else None)
 
 
 def _eval_phase_sgd(run: _EvalRun, params: list[nn.Parameter], opt: torch.optim.Optimizer,
