@@ -71,3 +71,23 @@ def test_nll_compare_buckets_by_position_in_the_document(tmp_path):
     assert rows["[0,"] == ["4", "2.0000", "2.0000", "+0.0000"]  # positions 0-1 of both documents
     assert rows[">="] == ["2", "2.0000", "1.0000", "-1.0000"]  # positions 2-3 of the first
     assert rows["all"] == ["6", "2.0000", "1.6667", "-0.3333"]
+
+
+def test_quant_study_runs_the_default_variants_on_a_tiny_run(tmp_path, tiny_data, tiny_tokenizer):
+    """tools/quant_study.py end to end on the tiny preset (per-row Fisher k, as the record preset):
+    every default variant fits, is scored, and has its gap split by class."""
+    sets = [f"data_path={tiny_data}", f"tokenizer_path={tiny_tokenizer}", f"out_dir={tmp_path / 'run'}",
+            "iterations=3", "gptq_calib_batches=2"]
+    subprocess.run([sys.executable, "-m", "golf", "train", "--preset", "tiny",
+                    *[a for kv in sets for a in ("--set", kv)]], capture_output=True, text=True, check=True)
+    out = run_tool("quant_study.py", str(tmp_path / "run"))
+    sys.path.insert(0, str(TOOLS))
+    try:
+        from quant_study import DEFAULT_VARIANTS
+    finally:
+        sys.path.remove(str(TOOLS))
+    names = [spec.split("=", 1)[0] for spec in DEFAULT_VARIANTS]
+    assert "Fisher clip k (row geometric mean)" in out
+    assert out.count("gap by class alone") == len(names)
+    table = out.split("fitter\n", 1)[1].splitlines()
+    assert [row.split()[0] for row in table] == names and all(row.split()[2] == "yes" for row in table)
