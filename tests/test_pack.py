@@ -42,6 +42,7 @@ from golf.quant import (
     collect_fisher,
     collect_hessians,
     dequantize_state,
+    fisher_clip_k,
     fit_to_budget,
     quantize_state,
 )
@@ -314,7 +315,9 @@ def test_scale_fitter_lands_just_under_the_target_from_either_side(alloc):
     fisher = collect_fisher(model, batches, max_seqs=4) if alloc != "class" else None
     state = model.state_dict()
     ladder_cfg = dataclasses.replace(qcfg, fit_mode="ladder")
-    as_is = len(pack_bytes(quantize_state(state, ladder_cfg, hessians), cfg.model, TOKENIZER_META, qcfg))
+    allocated = fisher_clip_k(state, fisher, qcfg) if fisher is not None else None  # the factor-1 k
+    as_is = len(pack_bytes(quantize_state(state, ladder_cfg, hessians, clip_k=allocated), cfg.model,
+                           TOKENIZER_META, qcfg))
     for target in (as_is - 4000, as_is + 4000):  # over: coarser k; room left: finer k
         qs, blob, changes = fit_to_budget(state, hessians, qcfg, cfg.model, TOKENIZER_META, 0, target=target,
                                           fisher=fisher)
@@ -325,7 +328,7 @@ def test_scale_fitter_lands_just_under_the_target_from_either_side(alloc):
         assert (factor > 1) == (target < as_is)
         assert fit_to_budget(state, hessians, qcfg, cfg.model, TOKENIZER_META, 0, target=target,
                              fisher=fisher)[1] == blob  # deterministic
-    if alloc == "class":  # the ladder's +1 steps stop further from the same target
+    if alloc == "class":  # the ladder's +1 steps stop further from the same target (both from class k)
         ladder = fit_to_budget(state, hessians, ladder_cfg, cfg.model, TOKENIZER_META, 0, target=as_is - 4000)
         scaled = fit_to_budget(state, hessians, qcfg, cfg.model, TOKENIZER_META, 0, target=as_is - 4000)
         assert len(ladder[1]) <= len(scaled[1]) <= as_is - 4000

@@ -280,7 +280,7 @@ def test_loss_curve_png_draws_one_colored_line_per_seed():
 
 def test_techniques_name_the_quantizer_settings():
     record = " ".join(describe_techniques(load_config("record", environ={})))
-    assert "per-row k from the Fisher of 32 training windows, within ×/÷1.5 of those" in record
+    assert "per-row k from the Fisher of 32 training windows, within ×/÷2.5 of those" in record
     assert "one factor on every k fitted to the cap" in record and "per-tensor" not in record
     tensors = " ".join(describe_techniques(load_config("record", ["clip_alloc=fisher"], environ={})))
     assert "per-tensor k from the Fisher of 32 training windows" in tensors and "per-row" not in tensors

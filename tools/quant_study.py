@@ -37,13 +37,13 @@ from golf.quant import (
 )
 
 # Sessions 4–5 measured, on 300 s record models with the scale fitter: class k +0.0116, Fisher k per
-# tensor within ×/÷1.5 +0.0089 (×/÷1.25 and ×/÷2 worse), Fisher k per row within ×/÷1.5 +0.0077
-# (docs/benchmarks.md); the record preset uses the last. Next: a wider clamp for the per-row k, and
-# a per-row Fisher from 4× the windows (less noise per row). Three fitted variants fit in one 600 s
-# device call next to 300 s of training.
-DEFAULT_VARIANTS = ["rows1.5=clip_alloc:fisher_rows,fit_mode:scale,fisher_k_range:1.5,fit",
-                    "rows2.5=clip_alloc:fisher_rows,fit_mode:scale,fisher_k_range:2.5,fit",
-                    "rows2.5_seqs128=clip_alloc:fisher_rows,fit_mode:scale,fisher_k_range:2.5,fisher_seqs:128,fit"]
+# tensor within ×/÷1.5 +0.0089 (×/÷1.25 and ×/÷2 worse), Fisher k per row within ×/÷1.5 +0.0077; on
+# a 240 s model, per row within ×/÷2.5 +0.0051 and with the Fisher of 128 windows +0.0050
+# (docs/benchmarks.md). The record preset uses per row within ×/÷2.5. Next: the same on a 300 s
+# model, and wider clamps. Three fitted variants fit in one 600 s device call next to 300 s of training.
+DEFAULT_VARIANTS = ["rows2.5=clip_alloc:fisher_rows,fit_mode:scale,fisher_k_range:2.5,fit",
+                    "rows4=clip_alloc:fisher_rows,fit_mode:scale,fisher_k_range:4,fit",
+                    "rows1.5=clip_alloc:fisher_rows,fit_mode:scale,fisher_k_range:1.5,fit"]
 
 
 def parse_variant(spec: str) -> tuple[str, dict[str, str], bool]:
