@@ -31,7 +31,8 @@ Notable:
     last ones to finish), so which of their chunks come after an SGD pass depends on the schedule.
   TTT works on a deep copy: the caller's model is never modified.
 - Distributed: each rank scores a contiguous range of windows (or documents); float64 sums are
-  all-reduced, so N ranks give what one process gives (up to summation order).
+  all-reduced, so N ranks give what one process gives (up to summation order), except phased
+  LoRA after its first pause, whose schedule depends on the ranks.
 - Speed (CUDA, `eval_compile`): compiled blocks with dynamic shapes and dynamo's duck shaping off;
   widths round up to a multiple of 64 and a lone row runs as two, so an evaluation compiles a
   handful of graphs; batch indices come from the CPU plan and are copied without blocking, so the
@@ -625,8 +626,9 @@ def _eval_ttt_lora(run: _EvalRun, tokens_cpu: torch.Tensor) -> None:
         mine += [(int(d0), int(d1), g) for d0, d1 in share.tolist()]
 
     def pause(g: int) -> None:
-        """Global SGD over the documents of groups 0..g: on this rank they are all scored, and the
-        gradient all-reduce of the first step waits for every other rank to get there too."""
+        """Global SGD over the documents of groups 0..g. On this rank they are all scored; a rank
+        may compute its gradient share sooner than others finish theirs, but no weight changes
+        before the gradient all-reduce, which waits until every rank has scored them too."""
         scored_end = int(docs[bounds[g + 1] - 1, 1])
         _eval_phase_sgd(run, params, opt, scored_end)
         run.log(f"ttt_lora phase:{g + 1}/{len(bounds) - 2} docs_scored:{bounds[g + 1]} "
