@@ -370,6 +370,12 @@ def _eval_warmup_scoring(run: _EvalRun) -> None:
     _eval_warmup(run, e.eval_seq_len, e.eval_batch_seqs, e.eval_stride or e.eval_seq_len, train=False)
 
 
+def _eval_warmup_sgd_step(run: _EvalRun) -> None:
+    """The graphs of `_eval_sgd_step`: full windows, base weights with gradients (set by the caller)."""
+    e = run.ecfg
+    _eval_warmup(run, e.eval_seq_len, e.eval_batch_seqs, e.eval_seq_len, train=True)
+
+
 # ----------------------------------------------------------------------------- SGD TTT
 
 
@@ -406,7 +412,7 @@ def _eval_ttt_sgd(run: _EvalRun) -> None:
         p.requires_grad_(True)
     opt = torch.optim.SGD(params, lr=t.ttt_lr, momentum=t.ttt_momentum)
     _eval_warmup_scoring(run)
-    _eval_warmup(run, run.ecfg.eval_seq_len, run.ecfg.eval_batch_seqs, run.ecfg.eval_seq_len, train=True)
+    _eval_warmup_sgd_step(run)
     bounds = list(range(0, run.n_targets, t.ttt_chunk_tokens)) + [run.n_targets]
     n_chunks = len(bounds) - 1
     every = max(1, n_chunks // 20)
@@ -610,7 +616,7 @@ def _eval_ttt_lora(run: _EvalRun, tokens_cpu: torch.Tensor) -> None:
     if opt is not None:  # the global SGD's graphs (base weights with grads, no adapters) too
         for p in params:
             p.requires_grad_(True)
-        _eval_warmup(run, run.ecfg.eval_seq_len, run.ecfg.eval_batch_seqs, run.ecfg.eval_seq_len, train=True)
+        _eval_warmup_sgd_step(run)
         for p in params:
             p.requires_grad_(False)
     mine: list[tuple[int, int, int]] = []  # this rank's documents, group after group
