@@ -7,7 +7,7 @@ line on stderr and a non-zero exit; nothing here holds logic the library does no
 from __future__ import annotations
 
 import sys
-from typing import List, Optional
+from typing import Callable, List, Optional
 
 import typer
 
@@ -417,6 +417,15 @@ def stats_cmd(
         raise SubmissionError("give --sota or --against, not both")
     stats = record_stats(folder, sota=sota, against=against)
     typer.echo(json.dumps(stats, indent=2) if as_json else format_stats(stats))
+
+
+def run_script(main: Callable[[], int], prog: str) -> None:
+    """Entry point of a script in tools/: exit with main()'s code; a bad input (a GolfError, a
+    missing or unreadable file, a bad value) exits 1 with one line on stderr, not a traceback."""
+    try:
+        sys.exit(main())
+    except (GolfError, OSError, ValueError) as err:
+        sys.exit(f"{prog}: {err}")
 
 
 def main() -> None:

@@ -10,14 +10,13 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import sys
 import time
 
 import torch
 from torch.fx.experimental import _config as fx_config
 from torch.profiler import ProfilerActivity, profile
 
-from golf.config import GolfError
+from golf.cli import run_script
 from golf.eval import _eval_window_nll, _EvalLoraBank, load_artifact_model
 
 
@@ -99,7 +98,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except (GolfError, OSError, ValueError) as err:  # a bad input: one line, not a traceback
-        sys.exit(f"lora_bench: {err}")
+    run_script(main, "lora_bench")

@@ -8,11 +8,10 @@ where one scoring (say LoRA TTT) gains or loses against another (say sliding win
 from __future__ import annotations
 
 import argparse
-import sys
 
 import numpy as np
 
-from golf.config import GolfError
+from golf.cli import run_script
 from golf.data import list_shards, load_val_tokens
 from golf.eval import _eval_doc_spans
 
@@ -54,7 +53,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except (GolfError, OSError, ValueError) as err:  # a bad input: one line, not a traceback
-        sys.exit(f"nll_compare: {err}")
+    run_script(main, "nll_compare")

@@ -9,12 +9,11 @@ reach (their longest document's chunks dominate). Its BPB is not a score: docume
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 import torch
 
-from golf.config import GolfError
+from golf.cli import run_script
 from golf.data import BOS_ID, list_shards, load_val_tokens, write_shard
 from golf.eval import _eval_doc_spans
 
@@ -39,7 +38,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except (GolfError, OSError, ValueError) as err:  # a bad input: one line, not a traceback
-        sys.exit(f"replicate_val: {err}")
+    run_script(main, "replicate_val")
