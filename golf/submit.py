@@ -584,10 +584,10 @@ def describe_techniques(cfg: Config) -> list[str]:
     out.append(f"{quant} + SDClip: int{q.attn_bits} attention (k {q.clip_k_attn:g}), int{q.mlp_bits} MLP "
                f"(k {q.clip_k_mlp:g}), int{q.embed_bits} embeddings (k {q.clip_k_embed:g}); tensors <= "
                f"{q.passthrough_max_numel:,} values as fp16"
-               + (f"; per-tensor k from the Fisher of {q.fisher_seqs} training windows, within ×/÷"
-                  f"{q.fisher_k_range:g} of those" if q.clip_alloc == "fisher" else "")
-               + (f"; per-row k from the Fisher of {q.fisher_seqs} training windows, within ×/÷"
-                  f"{q.fisher_k_range:g} of those" if q.clip_alloc == "fisher_rows" else "")
+               + (f"; per-{'tensor' if q.clip_alloc == 'fisher' else 'row'} k from the Fisher of {q.fisher_seqs} "
+                  f"training windows, within ×/÷{q.fisher_k_range:g} of those"
+                  + (f" (embedding ×/÷{q.fisher_k_range_embed:g})" if q.fisher_k_range_embed else "")
+                  if q.clip_alloc != "class" else "")
                + ("; one factor on every k fitted to the cap" if q.fit_mode == "scale" else "")
                + (f"; LQER rank {q.lqer_rank} on {q.lqer_tensors} tensors at int{q.lqer_bits}"
                   if q.lqer_rank else "")

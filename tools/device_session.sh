@@ -93,7 +93,7 @@ stage_quantstudy() {  # one record model (QS_WALL s), quantized several ways: by
   timeout 400 python3 -m golf train --preset record --set data_path=$DATA/sp8192 --set tokenizer_path=$TOK8 \
     --set max_wallclock_seconds=${QS_WALL:-240} --set out_dir=/tmp/qs_run 2>&1 | grep -E "^step:|stopped|model:" | tail -4
   local variants=(); for v in ${QS_VARIANTS:-}; do variants+=(--variant "$v"); done  # none = the tool's defaults
-  timeout 330 python3 tools/quant_study.py /tmp/qs_run "${variants[@]}" 2>&1 | grep -v Warning | tee "$OUT/quant_study.txt"
+  timeout 330 python3 tools/quant_study.py /tmp/qs_run "${variants[@]}" ${QS_ARGS:-} 2>&1 | grep -v Warning | tee "$OUT/quant_study.txt"
 }
 stage_baseline() { run_preset baseline 1024 $TOK1; }
 

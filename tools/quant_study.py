@@ -1,12 +1,13 @@
 """Quantization variants of one trained checkpoint, side by side: bytes and BPB gap.
 
     python tools/quant_study.py RUN_DIR [--variant NAME=key:value,key:value[,fit]]... [--set key=value]...
+                                [--no-class-split]
 
 RUN_DIR holds `golf train`'s export (final_model.pt, config.json). The Hessians are collected once
 (training shards, as in a run); each variant then quantizes, packs and scores the dequantized
 model on the validation stream (plain windows), next to the unquantized model's score, and
-splits the gap by tensor class (each class quantized alone). A variant with `fit` runs the fitter
-to the byte budget first, as `golf run` does.
+splits the gap by tensor class (each class quantized alone; `--no-class-split` skips that). A
+variant with `fit` runs the fitter to the byte budget first, as `golf run` does.
 """
 
 from __future__ import annotations
@@ -39,11 +40,12 @@ from golf.quant import (
 # Sessions 4–5 measured, on 300 s record models with the scale fitter: class k +0.0116, Fisher k per
 # tensor within ×/÷1.5 +0.0089 (×/÷1.25 and ×/÷2 worse), Fisher k per row within ×/÷1.5 +0.0077; on
 # a 240 s model, per row within ×/÷2.5 +0.0051 and with the Fisher of 128 windows +0.0050
-# (docs/benchmarks.md). The record preset uses per row within ×/÷2.5. Next: the same on a 300 s
-# model, and wider clamps. Three fitted variants fit in one 600 s device call next to 300 s of training.
+# (docs/benchmarks.md). Session 6, on a 300 s model: per row ×/÷2.5 +0.0077, ×/÷4 +0.0102, the
+# embedding alone +0.0028 and +0.0054 of those. Next: the embedding's clamp apart from the others'.
+# Three fitted variants without the class split fit in one 600 s device call next to 300 s of training.
 DEFAULT_VARIANTS = ["rows2.5=clip_alloc:fisher_rows,fit_mode:scale,fisher_k_range:2.5,fit",
-                    "rows4=clip_alloc:fisher_rows,fit_mode:scale,fisher_k_range:4,fit",
-                    "rows1.5=clip_alloc:fisher_rows,fit_mode:scale,fisher_k_range:1.5,fit"]
+                    "rows2.5_e1.5=clip_alloc:fisher_rows,fit_mode:scale,fisher_k_range:2.5,fisher_k_range_embed:1.5,fit",
+                    "rows4_e1.5=clip_alloc:fisher_rows,fit_mode:scale,fisher_k_range:4,fisher_k_range_embed:1.5,fit"]
 
 
 def parse_variant(spec: str) -> tuple[str, dict[str, str], bool]:
@@ -59,6 +61,7 @@ def main() -> int:
     ap.add_argument("run_dir")
     ap.add_argument("--variant", action="append", default=None, help="NAME=key:value,...[,fit]")
     ap.add_argument("--set", action="append", default=[], help="config override for every variant")
+    ap.add_argument("--no-class-split", action="store_true", help="skip each class's gap alone")
     args = ap.parse_args()
     run = Path(args.run_dir)
     cfg = load_config(config_file=str(run / "config.json"), overrides=args.set)
@@ -123,6 +126,8 @@ def main() -> int:
         rows.append((name, len(blob), bpb, bpb - base, seconds, "; ".join(changes) or "-"))
         print(f"{name}: {len(blob):,} bytes, val_bpb {bpb:.6f} (gap {bpb - base:+.6f}), {seconds:.1f}s, "
               f"{'; '.join(changes) or 'no fitter change'}", flush=True)
+        if args.no_class_split:
+            continue
         # Where the gap comes from: each class quantized alone, everything else unquantized.
         alone = {klass: score({**state, **{n: t for n, t in deq.items() if quant_class(n) == klass}}) - base
                  for klass in sorted({quant_class(n) for n in deq})}
