@@ -77,8 +77,6 @@ class ModelConfig:
     stream_dtype: str = "float32"
     # training loss through golf.kernels.softcap_ce (Triton on CUDA, the torch reference elsewhere)
     fused_ce: bool = False
-    # linears that read the same input (q/k/v; q/k/v and fc in a parallel block) as one matmul
-    fused_projections: bool = False
 
 
 @dataclass
@@ -366,7 +364,6 @@ def record() -> Config:
         num_loops=3, loop_start=3, loop_end=5, loop_enable_frac=0.35, parallel_from=7,
         stream_dtype="bfloat16",  # +9.5% tokens/s on an H100 (docs/benchmarks.md)
         fused_ce=True,  # +0.7% (docs/benchmarks.md)
-        fused_projections=True,
     )
     cfg.train = TrainConfig(
         # 6 micro-batches of 131,072 tokens: +1.0% over 8 of 98,304, peak 50 GiB instead of 38 on an H100

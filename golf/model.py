@@ -65,26 +65,11 @@ class CastedLinear(nn.Linear):
         self.lora: tuple[Tensor, Tensor] | None = None
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.add_lora(x, F.linear(x, self.weight.to(x.dtype)))
-
-    def add_lora(self, x: Tensor, y: Tensor) -> Tensor:
-        """y, the linear's output on x, plus the LoRA term when adapters are set."""
-        if self.lora is None:
-            return y
-        a, b = self.lora
-        return y + torch.bmm(torch.bmm(x, a.to(x.dtype)), b.to(x.dtype)).to(y.dtype)
-
-
-def project(x: Tensor, linears: list[CastedLinear], fused: bool) -> list[Tensor]:
-    """Each linear applied to the same x; `fused` runs them as one matmul over their stacked
-    weights, so x is read once and the backward writes one dx instead of summing several.
-
-    Hooked linears (GPTQ's Hessians) are called one by one, since their hooks need the calls."""
-    if not fused or any(m._forward_hooks or m._forward_pre_hooks for m in linears):
-        return [m(x) for m in linears]
-    weight = torch.cat([m.weight for m in linears]).to(x.dtype)
-    outs = F.linear(x, weight).split([m.out_features for m in linears], dim=-1)
-    return [m.add_lora(x, y) for m, y in zip(linears, outs)]
+        y = F.linear(x, self.weight.to(x.dtype))
+        if self.lora is not None:
+            a, b = self.lora
+            y = y + torch.bmm(torch.bmm(x, a.to(x.dtype)), b.to(x.dtype)).to(y.dtype)
+        return y
 
 
 def resolve_attn_backend(choice: str) -> str:
@@ -178,7 +163,6 @@ class GPTAttention(nn.Module):
         self.head_dim = d // cfg.num_heads
         kv_dim = self.num_kv_heads * self.head_dim
         self.backend, self.qk_norm, self.xsa = backend, cfg.qk_norm, cfg.xsa
-        self.fused = cfg.fused_projections
         self.c_q = CastedLinear(d, d)
         self.c_k = CastedLinear(d, kv_dim)
         self.c_v = CastedLinear(d, kv_dim)
@@ -190,13 +174,11 @@ class GPTAttention(nn.Module):
                          if cfg.attn_out_gate else None)
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-        return self.attend(x, *project(x, [self.c_q, self.c_k, self.c_v], self.fused), cos, sin)
-
-    def attend(self, x: Tensor, q: Tensor, k: Tensor, v: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-        """The layer after its input projections q/k/v [B, T, ·] of x (x itself feeds the gate)."""
         bsz, seq, dim = x.shape
         hd, h, hkv = self.head_dim, self.num_heads, self.num_kv_heads
-        q, k, v = q.view(bsz, seq, h, hd), k.view(bsz, seq, hkv, hd), v.view(bsz, seq, hkv, hd)
+        q = self.c_q(x).view(bsz, seq, h, hd)
+        k = self.c_k(x).view(bsz, seq, hkv, hd)
+        v = self.c_v(x).view(bsz, seq, hkv, hd)
         if self.qk_norm:
             q, k = F.rms_norm(q, (hd,)), F.rms_norm(k, (hd,))
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
@@ -222,10 +204,7 @@ class GPTMLP(nn.Module):
         self.proj = CastedLinear(hidden, cfg.model_dim, zero_init=True)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.down(self.fc(x))
-
-    def down(self, h: Tensor) -> Tensor:
-        """Activation and output projection of fc's output h."""
+        h = self.fc(x)
         h = F.leaky_relu(h, 0.5) if self.leaky else F.relu(h)
         return self.proj(h.square())
 
@@ -273,11 +252,9 @@ class GPTBlock(nn.Module):
                 skip: tuple[Tensor, Tensor, Tensor] | None = None) -> Tensor:
         x = self._mix(self._skip(x, skip), x0)
         attn_scale, mlp_scale = self.attn_scale.to(x.dtype), self.mlp_scale.to(x.dtype)
-        if self.parallel:  # GPT-J: attention and MLP read the same normed input, one matmul for q/k/v/fc
+        if self.parallel:  # GPT-J: attention and MLP read the same normed input
             n = self._norm(x)
-            attn = self.attn
-            q, k, v, h = project(n, [attn.c_q, attn.c_k, attn.c_v, self.mlp.fc], attn.fused)
-            return x + attn_scale * attn.attend(n, q, k, v, cos, sin) + mlp_scale * self.mlp.down(h)
+            return x + attn_scale * self.attn(n, cos, sin) + mlp_scale * self.mlp(n)
         x = x + attn_scale * self.attn(self._norm(x), cos, sin)
         return x + mlp_scale * self.mlp(self._norm(x))
 

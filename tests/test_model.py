@@ -117,7 +117,6 @@ SWITCHES = {
     "bigram": dict(bigram_buckets=16, bigram_dim=8),
     "smear_gate": dict(smear_gate=True),
     "attn_out_gate": dict(attn_out_gate=True),
-    "fused_projections": dict(fused_projections=True, parallel_from=2),
     "all_on": ALL_ON,
 }
 
@@ -183,34 +182,6 @@ def test_fused_ce_loss_and_gradients_match_the_head_loss(softcap):
     torch.testing.assert_close(fused, plain, rtol=1e-6, atol=1e-6)
     for name, grad in plain_grads.items():
         torch.testing.assert_close(fused_grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
-
-
-@pytest.mark.parametrize("lanes", [1, 2])
-def test_fused_projections_match_separate_linears(lanes):
-    """One matmul over stacked q/k/v (and fc in a single-lane parallel block): same loss,
-    gradients and LoRA terms as separate linears; hooked linears still see their calls."""
-    results = []
-    for fused in (False, True):
-        model = perturbed(small_cfg(**{**ALL_ON, "parallel_lanes": lanes}, fused_projections=fused), seed=5)
-        gen = torch.Generator().manual_seed(6)
-        for m in model.modules():
-            if isinstance(m, model_mod.CastedLinear) and m is not model.lm_head:
-                r = 2
-                m.lora = (torch.randn(2, m.in_features, r, generator=gen),
-                          torch.randn(2, r, m.out_features, generator=gen))
-        ids = torch.randint(0, model.cfg.vocab_size, (2, 16), generator=gen)
-        loss = model.loss(ids, torch.roll(ids, -1, 1))
-        loss.backward()
-        results.append((loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}))
-    (plain, plain_grads), (fused, fused_grads) = results
-    torch.testing.assert_close(fused, plain, rtol=1e-6, atol=1e-6)
-    for name, grad in plain_grads.items():
-        torch.testing.assert_close(fused_grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
-    seen = []
-    model.blocks[3].attn.c_k.register_forward_hook(lambda mod, args, out: seen.append(out.shape))
-    model.blocks[3].mlp.fc.register_forward_hook(lambda mod, args, out: seen.append(out.shape))
-    model(ids)
-    assert len(seen) == 2 * model.layer_order().count(3)
 
 
 def test_causal_with_every_switch_on():
