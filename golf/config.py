@@ -152,9 +152,6 @@ class QuantConfig:
     # BPB and 1.25 by 0.0009 on 300 s record models; per row, 2.5 beat 1.5 by 0.0008 on a 240 s
     # one (the record preset's; docs/benchmarks.md)
     fisher_k_range: float = 1.5
-    # the embedding's clamp (0 = fisher_k_range): the tied table's row Fisher, from a few training
-    # windows, is the noisiest (rare tokens), and on a 300 s model ×/÷4 cost it +0.0054 BPB alone
-    fisher_k_range_embed: float = 0.0
     fit_mode: str = "ladder"  # ladder: clip k +1 steps, then bits | scale: one k factor searched to the target
     size_cap_bytes: int = 16_000_000
     size_margin_bytes: int = 2_000
@@ -285,7 +282,6 @@ class Config:
         _check(q.codec in ("auto", "brotli", "lzma", "zstd"), "codec must be auto|brotli|lzma|zstd")
         _check(q.clip_alloc in ("class", "fisher", "fisher_rows"), "clip_alloc must be class|fisher|fisher_rows")
         _check(q.fisher_seqs >= 1 and q.fisher_k_range >= 1.0, "fisher_seqs must be >= 1, fisher_k_range >= 1")
-        _check(q.fisher_k_range_embed == 0 or q.fisher_k_range_embed >= 1.0, "fisher_k_range_embed must be 0 or >= 1")
         _check(q.fit_mode in ("ladder", "scale"), "fit_mode must be ladder|scale")
         _check(q.lqer_rank >= 0 and 2 <= q.lqer_bits <= 8, "lqer_rank must be >= 0, lqer_bits in [2, 8]")
         _check(q.size_cap_bytes > 0 and 0 <= q.size_margin_bytes < q.size_cap_bytes,

@@ -320,8 +320,7 @@ def fisher_clip_k(state: dict[str, Tensor], fisher: dict[str, Tensor],
     k_i ∝ q_max·sqrt(n_i / Σ_r F_r·std_r²); per row ("fisher_rows", a tensor of k per row: the
     row scales are stored anyway, so this costs no bytes) k_r ∝ q_max / sqrt(F_r·std_r²). The
     constant keeps Σ values·log k at the class config's, so the predicted size stays where the
-    class config puts it; each k is clamped to [1/range, range]× its class k, range being
-    `fisher_k_range` (`fisher_k_range_embed` for the embedding when set).
+    class config puts it; each k is clamped to [1/fisher_k_range, fisher_k_range]× its class k.
     Tensors without a Fisher keep the class k.
     """
     per_row = qcfg.clip_alloc == "fisher_rows"
@@ -347,10 +346,9 @@ def fisher_clip_k(state: dict[str, Tensor], fisher: dict[str, Tensor],
         return {}
     total = sum(float(c.sum()) for c in counts.values())
     shift = sum(float((counts[n] * (log_ref[n] - log_k[n])).sum()) for n in log_k) / total
+    bound = math.log(qcfg.fisher_k_range)
     out = {}
     for n in log_k:
-        embed = quant_class(n) == "embedding" and qcfg.fisher_k_range_embed
-        bound = math.log(qcfg.fisher_k_range_embed if embed else qcfg.fisher_k_range)
         k = torch.exp(log_ref[n] + (log_k[n] + shift - log_ref[n]).clamp(-bound, bound))
         out[n] = k if per_row else float(k)
     return out

@@ -586,7 +586,6 @@ def describe_techniques(cfg: Config) -> list[str]:
                f"{q.passthrough_max_numel:,} values as fp16"
                + (f"; per-{'tensor' if q.clip_alloc == 'fisher' else 'row'} k from the Fisher of {q.fisher_seqs} "
                   f"training windows, within ×/÷{q.fisher_k_range:g} of those"
-                  + (f" (embedding ×/÷{q.fisher_k_range_embed:g})" if q.fisher_k_range_embed else "")
                   if q.clip_alloc != "class" else "")
                + ("; one factor on every k fitted to the cap" if q.fit_mode == "scale" else "")
                + (f"; LQER rank {q.lqer_rank} on {q.lqer_tensors} tensors at int{q.lqer_bits}"
