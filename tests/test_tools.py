@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -91,3 +92,18 @@ def test_quant_study_runs_the_default_variants_on_a_tiny_run(tmp_path, tiny_data
     assert out.count("gap by class alone") == len(names)
     table = out.split("fitter\n", 1)[1].splitlines()
     assert [row.split()[0] for row in table] == names and all(row.split()[2] == "yes" for row in table)
+
+
+def test_bench_codecs_entropy_is_the_ideal_order0_size():
+    sys.path.insert(0, str(TOOLS))
+    try:
+        from bench_codecs import order0_entropy_bytes
+    finally:
+        sys.path.remove(str(TOOLS))
+    import torch
+
+    assert order0_entropy_bytes(torch.tensor([0, 1, 2, 3] * 256, dtype=torch.int8)) == 256.0  # 2 bits each
+    assert order0_entropy_bytes(torch.full((64,), 5, dtype=torch.int8)) == 0.0
+    skewed = torch.tensor([0] * 3 + [1], dtype=torch.int8).repeat(100)  # p = 3/4, 1/4
+    expected = 400 * -(0.75 * math.log2(0.75) + 0.25 * math.log2(0.25)) / 8
+    assert abs(order0_entropy_bytes(skewed) - expected) < 1e-9

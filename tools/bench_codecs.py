@@ -3,12 +3,23 @@
 Usage: python tools/bench_codecs.py ARTIFACT [--workers N]
 The artifact's quantized values are packed again unchanged, so the sizes compare the codecs on
 exactly the submitted model. Wall time is for all frames on `--workers` threads (default: all CPUs).
+Then, per class stream, the auto codec's bytes against the order-0 entropy of its values (each
+tensor's own histogram): how much any entropy coder could still save.
 """
 
 import argparse
 import time
 
+import torch
+
 from golf.pack import PACK_CODECS, pack_with_stats, read_artifact
+
+
+def order0_entropy_bytes(q: torch.Tensor) -> float:
+    """Bytes of an ideal coder for q's values with q's own histogram (no context)."""
+    counts = torch.unique(q, return_counts=True)[1].double()
+    p = counts / counts.sum()
+    return float(-(counts * p.log2()).sum()) / 8
 
 
 def main() -> None:
@@ -28,6 +39,13 @@ def main() -> None:
                                       codecs=forced, run_config=header.get("run_config"), workers=args.workers)
         wall = time.perf_counter() - t
         print(f"{codec:<8} {len(blob):>12,} {8 * len(blob) / params:>11.3f} {wall:>8.1f}")
+    kept = {st.name: st for st in stats.streams}  # the auto pack's streams
+    print(f"\n{'stream':<12} {'values':>12} {'auto bytes':>12} {'entropy bytes':>14} {'auto/entropy':>13}")
+    for klass in sorted({rec.klass for rec in qs.records.values() if rec.kind == "quant"}):
+        recs = [rec for rec in qs.records.values() if rec.kind == "quant" and rec.klass == klass]
+        entropy = sum(order0_entropy_bytes(rec.q) for rec in recs)
+        values, length = sum(rec.q.numel() for rec in recs), kept[klass].length
+        print(f"{klass:<12} {values:>12,} {length:>12,} {entropy:>14,.0f} {length / entropy:>13.4f}")
 
 
 if __name__ == "__main__":
