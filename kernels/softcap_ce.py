@@ -64,6 +64,8 @@ if triton is not None:
     @triton.jit
     def _softcap_ce_fwd_kernel(z_ptr, tgt_ptr, loss_ptr, lse_ptr, stride_row, V, softcap, inv_softcap,
                                ignore_index, HAS_CAP: tl.constexpr, BLOCK_V: tl.constexpr):
+        # Inductor launches a kernel traced inside a compiled graph with fp64 float scalars.
+        softcap, inv_softcap = tl.cast(softcap, tl.float32), tl.cast(inv_softcap, tl.float32)
         row = tl.program_id(0).to(tl.int64)
         z_row = z_ptr + row * stride_row
         cols = tl.arange(0, BLOCK_V)
@@ -94,6 +96,7 @@ if triton is not None:
     def _softcap_ce_bwd_kernel(z_ptr, tgt_ptr, lse_ptr, scale_ptr, dz_ptr, stride_z, stride_dz, V,
                                softcap, inv_softcap, ignore_index, HAS_CAP: tl.constexpr,
                                BLOCK_V: tl.constexpr):
+        softcap, inv_softcap = tl.cast(softcap, tl.float32), tl.cast(inv_softcap, tl.float32)
         row = tl.program_id(0).to(tl.int64)
         z_row = z_ptr + row * stride_z
         dz_row = dz_ptr + row * stride_dz

@@ -101,6 +101,19 @@ def test_dispatcher_on_cpu_is_reference():
     assert got.dtype == torch.float32 and dz.dtype == torch.bfloat16 and dz.shape == z.shape
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_softcap_ce_inside_a_compiled_graph_matches_eager_on_gpu():
+    """Compiled whole (compile_scope=model), inductor re-launches the kernels with fp64 scalars."""
+    z, t = make_case(64, 8192, 30.0, scale=20.0, dtype=torch.bfloat16)
+    z, t = z.cuda().requires_grad_(), t.cuda()
+    eager = softcap_cross_entropy(z, t, 30.0)
+    (eager_dz,) = torch.autograd.grad(eager, z)
+    compiled = torch.compile(lambda a, b: softcap_cross_entropy(a, b, 30.0), dynamic=False)(z, t)
+    (compiled_dz,) = torch.autograd.grad(compiled, z)
+    torch.testing.assert_close(compiled, eager, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(compiled_dz, eager_dz, rtol=1e-2, atol=1e-6)
+
+
 # (leading shape, K, hidden, out, dtype): ragged against the interpreter's 32-wide blocks, K not a
 # multiple of the block, a 3-D input, and the record's 16-bit dtype.
 MLP_CASES = {
