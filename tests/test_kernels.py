@@ -176,6 +176,12 @@ def run_interp_cases() -> dict:
 
 @pytest.fixture(scope="module")
 def interp_results():
+    import numpy
+    import triton
+
+    old = tuple(int(p) for p in triton.__version__.split(".")[:2]) < (3, 7)
+    if old and int(numpy.__version__.split(".")[0]) >= 2:  # seen with 3.6 (torch 2.11's); 3.9 works
+        pytest.skip(f"triton {triton.__version__}'s interpreter cannot loop over a scalar argument under numpy 2")
     env = dict(os.environ, TRITON_INTERPRET="1")
     proc = subprocess.run([sys.executable, __file__], env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]
