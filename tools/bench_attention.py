@@ -2,7 +2,9 @@
 
 Rows: golf's `causal_attention` backends that can run here (sdpa, fa2, fa3), eager and
 under torch.compile (a compiled region is what training runs), plus the kernel torch's SDPA
-dispatcher picks by default. Each row is checked against the fp32 math reference.
+dispatcher picks by default. Then SDPA with each of its fused backends forced, on grouped kv
+heads and on kv heads repeated to the query heads (no GQA reduction in the kernel's backward).
+Each row is checked against the fp32 math reference.
 
     python tools/bench_attention.py [--batch 48] [--seq 2048] [--heads 8] [--kv-heads 4] [--head-dim 64]
 """
@@ -14,8 +16,12 @@ import sys
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from golf.model import causal_attention, resolve_attn_backend
+
+SDPA_FORCED = {"cudnn": SDPBackend.CUDNN_ATTENTION, "flash": SDPBackend.FLASH_ATTENTION,
+               "efficient": SDPBackend.EFFICIENT_ATTENTION}
 
 
 def reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -23,6 +29,20 @@ def reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor
     k, v = (t.repeat_interleave(group, dim=2) for t in (k, v))
     y = F.scaled_dot_product_attention(*(t.float().transpose(1, 2) for t in (q, k, v)), is_causal=True)
     return y.transpose(1, 2)
+
+
+def forced_sdpa(backend: SDPBackend, repeat_kv: bool):
+    """Causal SDPA on [B, T, H, D] tensors with one fused backend forced; grouped kv heads, or
+    repeated to the query heads first."""
+    def attend(q, k, v):
+        group = q.size(2) // k.size(2)
+        if repeat_kv:
+            k, v = (t.repeat_interleave(group, dim=2) for t in (k, v))
+        with sdpa_kernel(backend):
+            y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                               is_causal=True, enable_gqa=k.size(2) != q.size(2))
+        return y.transpose(1, 2)
+    return attend
 
 
 def kernel_names(fn) -> str:
@@ -58,34 +78,39 @@ def main() -> int:
     flops = 4 * b * h * t * t * d / 2 * 3.5
 
     rows = []
+
+    def measure(name: str, mode: str, attend) -> None:
+        fn = torch.compile(attend, dynamic=False) if mode == "compiled" else attend
+
+        def step():
+            return torch.autograd.grad(fn(q, k, v), (q, k, v), dy)
+
+        try:
+            step()
+            err = ((fn(q[:2], k[:2], v[:2]).float() - ref).norm() / ref.norm()).item()
+            ms = do_bench(step, warmup=10, rep=100, return_mode="median")
+            rows.append((name, mode, ms, err, kernel_names(step)))
+        except Exception as exc:  # noqa: BLE001 - a kernel that cannot run here is a row, not a crash
+            rows.append((name, mode, float("nan"), float("nan"), f"FAILED: {str(exc).splitlines()[0][:80]}"))
+        torch.cuda.empty_cache()
+
     for backend in ("sdpa", "fa2", "fa3"):
         try:
             resolve_attn_backend(backend)
-        except Exception as exc:  # noqa: BLE001 - a backend that cannot run here is a row, not a crash
+        except Exception as exc:  # noqa: BLE001
             rows.append((backend, "-", float("nan"), float("nan"), str(exc)[:60]))
             continue
         for mode in ("eager", "compiled"):
-            fn = lambda q, k, v, backend=backend: causal_attention(q, k, v, backend)
-            if mode == "compiled":
-                fn = torch.compile(fn, dynamic=False)
-
-            def step(fn=fn):
-                return torch.autograd.grad(fn(q, k, v), (q, k, v), dy)
-
-            try:
-                step()
-                err = ((fn(q[:2], k[:2], v[:2]).float() - ref).norm() / ref.norm()).item()
-                ms = do_bench(step, warmup=10, rep=100, return_mode="median")
-                rows.append((backend, mode, ms, err, kernel_names(step)))
-            except Exception as exc:  # noqa: BLE001
-                rows.append((backend, mode, float("nan"), float("nan"), f"FAILED: {str(exc).splitlines()[0][:80]}"))
-            torch.cuda.empty_cache()
+            measure(backend, mode, lambda q, k, v, backend=backend: causal_attention(q, k, v, backend))
+    for name, backend in SDPA_FORCED.items():
+        for repeat_kv in (False, True):
+            measure(f"{name}{'+rep' if repeat_kv else ''}", "compiled", forced_sdpa(backend, repeat_kv))
 
     print(f"device: {torch.cuda.get_device_name()}  torch {torch.__version__}  cudnn {torch.backends.cudnn.version()}  "
           f"B={b} T={t} H={h} Hkv={hkv} D={d} bf16 causal, fwd+bwd")
-    print(f"{'backend':<8}{'mode':<10}{'ms':>9}{'TFLOP/s':>9}{'rel err':>10}  kernels")
+    print(f"{'backend':<14}{'mode':<10}{'ms':>9}{'TFLOP/s':>9}{'rel err':>10}  kernels")
     for backend, mode, ms, err, names in rows:
-        print(f"{backend:<8}{mode:<10}{ms:>9.3f}{flops / ms / 1e9:>9.0f}{err:>10.2e}  {names}")
+        print(f"{backend:<14}{mode:<10}{ms:>9.3f}{flops / ms / 1e9:>9.0f}{err:>10.2e}  {names}")
     return 0
 
 
