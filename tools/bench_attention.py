@@ -80,6 +80,7 @@ def main() -> int:
     rows = []
 
     def measure(name: str, mode: str, attend) -> None:
+        torch._dynamo.reset()  # each row compiles afresh: the closures share one code object's recompile limit
         fn = torch.compile(attend, dynamic=False) if mode == "compiled" else attend
 
         def step():
