@@ -89,6 +89,56 @@ if triton is not None:
 
     _mm_leaky_tuned = triton.autotune(configs=_mm_configs(), key=["M", "N", "K", "BACKWARD"])(_mm_leaky_kernel)
 
+    @triton.jit
+    def _mm_leaky_tma_kernel(a_desc, b_desc, out_desc, aux_desc, M, N, K, BACKWARD: tl.constexpr,
+                             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                             GROUP_M: tl.constexpr, NUM_SMS: tl.constexpr, WARP_SPECIALIZE: tl.constexpr):
+        """`_mm_leaky_kernel` for Hopper: TMA loads and stores through descriptors (A [M, K], B as
+        [N, K], out and aux [M, N]), one persistent program per SM walking the tiles, so one tile's
+        epilogue overlaps the next tile's loads."""
+        num_m, num_n = tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N)
+        per_group = GROUP_M * num_n
+        for tile in tl.range(tl.program_id(0), num_m * num_n, NUM_SMS, flatten=True,
+                             warp_specialize=WARP_SPECIALIZE):
+            first_m = (tile // per_group) * GROUP_M
+            rows_here = tl.minimum(num_m - first_m, GROUP_M)
+            om = (first_m + (tile % per_group) % rows_here) * BLOCK_M
+            on = ((tile % per_group) // rows_here) * BLOCK_N
+            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+            for k0 in range(0, K, BLOCK_K):
+                acc = tl.dot(a_desc.load([om, k0]), b_desc.load([on, k0]).T, acc)
+            if BACKWARD:
+                h = aux_desc.load([om, on]).to(tl.float32)
+                out_desc.store([om, on], (acc * tl.where(h > 0, 2.0 * h, 0.5 * h)).to(out_desc.dtype))
+            else:
+                out_desc.store([om, on], acc.to(out_desc.dtype))
+                act = tl.where(acc > 0, acc, 0.5 * acc)
+                aux_desc.store([om, on], (act * act).to(aux_desc.dtype))
+
+
+# The Hopper kernel's launch (None: the portable kernel). Block sizes and stages for the record
+# MLP's shapes; tools/bench_kernels.py sweeps others.
+TMA_CONFIG: dict | None = {"BLOCK_M": 128, "BLOCK_N": 256, "BLOCK_K": 64, "GROUP_M": 8, "num_stages": 3,
+                           "num_warps": 8, "WARP_SPECIALIZE": False}
+
+
+def _mm_leaky_tma(a: torch.Tensor, b_nk: torch.Tensor, out: torch.Tensor, aux: torch.Tensor, backward: bool,
+                  config: dict) -> None:
+    """The Hopper launch for contiguous A [M, K], B as [N, K], out and aux [M, N]."""
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    (M, K), N = a.shape, b_nk.shape[0]
+    bm, bn, bk = config["BLOCK_M"], config["BLOCK_N"], config["BLOCK_K"]
+    sms = torch.cuda.get_device_properties(a.device).multi_processor_count if a.is_cuda else 4  # 4: interpreter
+    descs = (TensorDescriptor.from_tensor(a, [bm, bk]), TensorDescriptor.from_tensor(b_nk, [bn, bk]),
+             TensorDescriptor.from_tensor(out, [bm, bn]), TensorDescriptor.from_tensor(aux, [bm, bn]))
+    grid = (min(sms, triton.cdiv(M, bm) * triton.cdiv(N, bn)),)
+    _mm_leaky_tma_kernel[grid](*descs, M, N, K, BACKWARD=backward, NUM_SMS=sms, **config)
+
+
+def _use_tma(t: torch.Tensor) -> bool:
+    return TMA_CONFIG is not None and t.is_cuda and torch.cuda.get_device_capability(t.device)[0] >= 9
+
 
 def _mm_leaky(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, aux: torch.Tensor, backward: bool) -> None:
     """Launch for A [M, K] and B [K, N] (any strides); out and aux are contiguous [M, N]."""
@@ -114,7 +164,10 @@ def _mlp_fwd(x: torch.Tensor, w_fc: torch.Tensor, w_proj: torch.Tensor) -> tuple
                                                                                    torch.Tensor]:
     h = x.new_empty(x.shape[0], w_fc.shape[0])
     a = torch.empty_like(h)
-    _mm_leaky(x, w_fc.t(), h, a, backward=False)
+    if _use_tma(x):
+        _mm_leaky_tma(x, w_fc, h, a, False, TMA_CONFIG)
+    else:
+        _mm_leaky(x, w_fc.t(), h, a, backward=False)
     return a @ w_proj.t(), h, a
 
 
@@ -128,7 +181,10 @@ def _(x, w_fc, w_proj):
 def _mlp_bwd(grad_y: torch.Tensor, x: torch.Tensor, w_fc: torch.Tensor, w_proj: torch.Tensor, h: torch.Tensor,
              a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     grad_h = torch.empty_like(h)
-    _mm_leaky(grad_y, w_proj, grad_h, h, backward=True)
+    if _use_tma(grad_y):
+        _mm_leaky_tma(grad_y, w_proj.t().contiguous(), grad_h, h, True, TMA_CONFIG)
+    else:
+        _mm_leaky(grad_y, w_proj, grad_h, h, backward=True)
     return grad_h @ w_fc, grad_h.t() @ x, grad_y.t() @ a
 
 
