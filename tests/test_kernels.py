@@ -154,6 +154,25 @@ def run_mlp_cases() -> dict:
     return out
 
 
+def run_hopper_matmul_cases() -> dict:
+    """The Hopper kernel's two epilogue matmuls on a ragged fp32 case (the interpreter's bf16 dot
+    is wrong): h and a = leaky(h)², and grad_a·leaky'(h), each relative to float64."""
+    from golf.kernels.leaky_mlp import _mm_leaky_tma
+
+    g = torch.Generator().manual_seed(2)
+    m, k, n = 70, 48, 100
+    launch = dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, GROUP_M=2, WARP_SPECIALIZE=False)
+    x, w = torch.randn(m, k, generator=g), torch.randn(n, k, generator=g) / k**0.5
+    h, a = torch.empty(m, n), torch.empty(m, n)
+    _mm_leaky_tma(x, w, h, a, False, launch)
+    ref_h = x.double() @ w.double().t()
+    grad_y, w_proj = torch.randn(m, k, generator=g), torch.randn(k, n, generator=g) / k**0.5
+    grad_h = torch.empty(m, n)
+    _mm_leaky_tma(grad_y, w_proj.t().contiguous(), grad_h, h, True, launch)
+    ref_grad_h = (grad_y.double() @ w_proj.double()) * torch.where(ref_h > 0, 2 * ref_h, 0.5 * ref_h)
+    return {"h": rel(h, ref_h), "a": rel(a, F.leaky_relu(ref_h, 0.5).square()), "grad_h": rel(grad_h, ref_grad_h)}
+
+
 def run_interp_cases() -> dict:
     from golf.kernels.softcap_ce import softcap_cross_entropy_triton
 
@@ -219,10 +238,15 @@ def test_fused_mlp_interpreter_matches_reference(interp_results, name):
             assert got < 2 * plain + 1e-3
 
 
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
+def test_hopper_mlp_matmuls_interpreter_match_reference(interp_results):
+    assert all(err < 1e-5 for err in interp_results["hopper"].values()), interp_results["hopper"]
+
+
 def test_fused_mlp_falls_back_to_the_reference_on_cpu():
     x, w_fc, w_proj = mlp_case((4, 9), 16, 32, 16, torch.float32)
     assert torch.equal(leaky_relu2_mlp(x, w_fc, w_proj), leaky_relu2_mlp_reference(x, w_fc, w_proj))
 
 
 if __name__ == "__main__":
-    print(json.dumps({**run_interp_cases(), "mlp": run_mlp_cases()}))
+    print(json.dumps({**run_interp_cases(), "mlp": run_mlp_cases(), "hopper": run_hopper_matmul_cases()}))
