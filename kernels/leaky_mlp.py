@@ -94,12 +94,24 @@ if triton is not None:
     _mm_leaky_tuned = triton.autotune(configs=_mm_configs(), key=["M", "N", "K", "BACKWARD"])(_mm_leaky_kernel)
 
     @triton.jit
+    def _leaky_epilogue(out_desc, aux_desc, acc, om, on, BACKWARD: tl.constexpr):
+        if BACKWARD:
+            h = aux_desc.load([om, on]).to(tl.float32)
+            out_desc.store([om, on], (acc * tl.where(h > 0, 2.0 * h, 0.5 * h)).to(out_desc.dtype))
+        else:
+            out_desc.store([om, on], acc.to(out_desc.dtype))
+            act = tl.where(acc > 0, acc, 0.5 * acc)
+            aux_desc.store([om, on], (act * act).to(aux_desc.dtype))
+
+    @triton.jit
     def _mm_leaky_tma_kernel(a_desc, b_desc, out_desc, aux_desc, M, N, K, BACKWARD: tl.constexpr,
                              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                             GROUP_M: tl.constexpr, NUM_SMS: tl.constexpr, WARP_SPECIALIZE: tl.constexpr):
+                             GROUP_M: tl.constexpr, NUM_SMS: tl.constexpr, WARP_SPECIALIZE: tl.constexpr,
+                             EPILOGUE_SUBTILE: tl.constexpr):
         """`_mm_leaky_kernel` for Hopper: TMA loads and stores through descriptors (A [M, K], B as
-        [N, K], out and aux [M, N]), one persistent program per SM walking the tiles, so one tile's
-        epilogue overlaps the next tile's loads."""
+        [N, K], out and aux [M, N], or [M, N/2] blocks with EPILOGUE_SUBTILE), one persistent
+        program per SM walking the tiles, so one tile's epilogue overlaps the next tile's loads.
+        EPILOGUE_SUBTILE stores each tile in two column halves, halving the epilogue's shared memory."""
         num_m, num_n = tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N)
         per_group = GROUP_M * num_n
         for tile in tl.range(tl.program_id(0), num_m * num_n, NUM_SMS, flatten=True,
@@ -111,19 +123,18 @@ if triton is not None:
             acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
             for k0 in range(0, K, BLOCK_K):
                 acc = tl.dot(a_desc.load([om, k0]), b_desc.load([on, k0]).T, acc)
-            if BACKWARD:
-                h = aux_desc.load([om, on]).to(tl.float32)
-                out_desc.store([om, on], (acc * tl.where(h > 0, 2.0 * h, 0.5 * h)).to(out_desc.dtype))
+            if EPILOGUE_SUBTILE:
+                left, right = tl.split(tl.permute(tl.reshape(acc, (BLOCK_M, 2, BLOCK_N // 2)), (0, 2, 1)))
+                _leaky_epilogue(out_desc, aux_desc, left, om, on, BACKWARD)
+                _leaky_epilogue(out_desc, aux_desc, right, om, on + BLOCK_N // 2, BACKWARD)
             else:
-                out_desc.store([om, on], acc.to(out_desc.dtype))
-                act = tl.where(acc > 0, acc, 0.5 * acc)
-                aux_desc.store([om, on], (act * act).to(aux_desc.dtype))
+                _leaky_epilogue(out_desc, aux_desc, acc, om, on, BACKWARD)
 
 
 # The Hopper kernel's launch (None: the portable kernel): the fastest of tools/bench_kernels.py's
 # sweep at the record MLP's shapes on an H100.
 TMA_CONFIG: dict | None = {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8, "num_stages": 4,
-                           "num_warps": 8, "WARP_SPECIALIZE": False}
+                           "num_warps": 8, "WARP_SPECIALIZE": False, "EPILOGUE_SUBTILE": False}
 
 
 def _mm_leaky_tma(a: torch.Tensor, b_nk: torch.Tensor, out: torch.Tensor, aux: torch.Tensor, backward: bool,
@@ -133,9 +144,10 @@ def _mm_leaky_tma(a: torch.Tensor, b_nk: torch.Tensor, out: torch.Tensor, aux: t
 
     (M, K), N = a.shape, b_nk.shape[0]
     bm, bn, bk = config["BLOCK_M"], config["BLOCK_N"], config["BLOCK_K"]
+    bn_out = bn // 2 if config["EPILOGUE_SUBTILE"] else bn
     sms = torch.cuda.get_device_properties(a.device).multi_processor_count if a.is_cuda else 4  # 4: interpreter
     descs = (TensorDescriptor.from_tensor(a, [bm, bk]), TensorDescriptor.from_tensor(b_nk, [bn, bk]),
-             TensorDescriptor.from_tensor(out, [bm, bn]), TensorDescriptor.from_tensor(aux, [bm, bn]))
+             TensorDescriptor.from_tensor(out, [bm, bn_out]), TensorDescriptor.from_tensor(aux, [bm, bn_out]))
     grid = (min(sms, triton.cdiv(M, bm) * triton.cdiv(N, bn)),)
     _mm_leaky_tma_kernel[grid](*descs, M, N, K, BACKWARD=backward, NUM_SMS=sms, **config)
 

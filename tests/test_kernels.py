@@ -161,16 +161,20 @@ def run_hopper_matmul_cases() -> dict:
 
     g = torch.Generator().manual_seed(2)
     m, k, n = 70, 48, 100
-    launch = dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, GROUP_M=2, WARP_SPECIALIZE=False)
     x, w = torch.randn(m, k, generator=g), torch.randn(n, k, generator=g) / k**0.5
-    h, a = torch.empty(m, n), torch.empty(m, n)
-    _mm_leaky_tma(x, w, h, a, False, launch)
-    ref_h = x.double() @ w.double().t()
     grad_y, w_proj = torch.randn(m, k, generator=g), torch.randn(k, n, generator=g) / k**0.5
-    grad_h = torch.empty(m, n)
-    _mm_leaky_tma(grad_y, w_proj.t().contiguous(), grad_h, h, True, launch)
+    ref_h = x.double() @ w.double().t()
     ref_grad_h = (grad_y.double() @ w_proj.double()) * torch.where(ref_h > 0, 2 * ref_h, 0.5 * ref_h)
-    return {"h": rel(h, ref_h), "a": rel(a, F.leaky_relu(ref_h, 0.5).square()), "grad_h": rel(grad_h, ref_grad_h)}
+    out = {}
+    for subtile in (False, True):
+        launch = dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, GROUP_M=2, WARP_SPECIALIZE=False, EPILOGUE_SUBTILE=subtile)
+        h, a, grad_h = torch.empty(m, n), torch.empty(m, n), torch.empty(m, n)
+        _mm_leaky_tma(x, w, h, a, False, launch)
+        _mm_leaky_tma(grad_y, w_proj.t().contiguous(), grad_h, h, True, launch)
+        tag = "_subtile" if subtile else ""
+        out.update({f"h{tag}": rel(h, ref_h), f"a{tag}": rel(a, F.leaky_relu(ref_h, 0.5).square()),
+                    f"grad_h{tag}": rel(grad_h, ref_grad_h)})
+    return out
 
 
 def run_interp_cases() -> dict:
