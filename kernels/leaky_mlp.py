@@ -15,11 +15,10 @@ The other three matmuls (a·W_projᵀ, and the weight and input gradients) stay 
 On Hopper the two epilogue matmuls load and store through TMA descriptors in persistent
 programs (`_mm_leaky_tma_kernel`); elsewhere, and under the interpreter, plain `tl.dot` tiles.
 
-Status: not used by the model. On an H100 (tools/bench_kernels.py, docs/benchmarks.md) forward +
-backward take 3.340 ms with the Hopper kernel and 3.609 ms with the portable one, against 3.371 ms
-for torch.compile of the module path: the traffic saved only pays for the matmul time lost to
-cuBLAS. Triton's automatic warp specialization changed nothing measurable, and 128×256 tiles
-either do not fit in shared memory or run slower.
+Status: not used by the model. On an H100 (tools/bench_kernels.py, docs/benchmarks.md), forward
++ backward take 3.245 ms with the best Hopper launch and 3.651 ms with the portable kernel. For
+torch.compile of the module path they take 3.282 ms. The traffic saved only pays for the matmul
+time lost to cuBLAS.
 """
 
 from __future__ import annotations
@@ -133,8 +132,8 @@ if triton is not None:
 
 # The Hopper kernel's launch (None: the portable kernel): the fastest of tools/bench_kernels.py's
 # sweep at the record MLP's shapes on an H100.
-TMA_CONFIG: dict | None = {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8, "num_stages": 4,
-                           "num_warps": 8, "WARP_SPECIALIZE": False, "EPILOGUE_SUBTILE": False}
+TMA_CONFIG: dict | None = {"BLOCK_M": 128, "BLOCK_N": 256, "BLOCK_K": 64, "GROUP_M": 8, "num_stages": 3,
+                           "num_warps": 8, "WARP_SPECIALIZE": True, "EPILOGUE_SUBTILE": True}
 
 
 def _mm_leaky_tma(a: torch.Tensor, b_nk: torch.Tensor, out: torch.Tensor, aux: torch.Tensor, backward: bool,
