@@ -161,6 +161,9 @@ class QuantConfig:
 class EvalConfig:
     eval_seq_len: int = 1024
     eval_stride: int = 0  # 0 = non-overlapping windows; >0 = sliding window
+    # with TTT on, `golf run` also scores sliding windows without it first: a diagnostic that
+    # costs ~200 s on 8 GPUs for the record model, which LoRA TTT (~480 s) cannot spare
+    sliding_with_ttt: bool = True
     eval_batch_seqs: int = 32
     eval_compile: bool = True  # on CUDA, score and run TTT with compiled blocks (dynamic shapes)
 

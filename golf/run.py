@@ -36,6 +36,17 @@ from golf.train import train
 ARTIFACT_NAME = "final_model.golf"
 
 
+def eval_stages(cfg: Config) -> list[str]:
+    """What `golf run` scores, in order; the last one is the result. The pre-quant and plain
+    quantized scores are cheap diagnostics; sliding windows without TTT run unless TTT follows
+    and `sliding_with_ttt` is off."""
+    stages = ["prequant", "quant"]
+    ttt = cfg.ttt.ttt_mode != "none"
+    if cfg.eval.eval_stride > 0 and (not ttt or cfg.eval.sliding_with_ttt):
+        stages.append("sliding")
+    return stages + (["ttt"] if ttt else [])
+
+
 def package_versions() -> dict[str, str]:
     versions = {"python": platform.python_version(), "torch": torch.__version__, "numpy": np.__version__}
     for name in ("triton", "sentencepiece", "brotli", "zstandard", "flash_attn", "flash_attn_interface"):
@@ -142,15 +153,16 @@ def run_pipeline(cfg: Config, code_path: str | None = None, out_dir: str = ".",
         say(f"final_{name} val_loss:{r.val_loss:.8f} val_bpb:{r.val_bpb:.8f} "
             f"eval_time:{phases[f'eval_{tag}'] * 1000:.0f}ms")
 
+    stages = eval_stages(cfg)
     score("prequant", model, plain, no_ttt)
     qmodel, _ = load_artifact_model(artifact_path, info.device)
     score("quant", qmodel, plain, no_ttt)
-    if cfg.eval.eval_stride > 0:
+    if "sliding" in stages:
         score("sliding", qmodel, cfg.eval, no_ttt)
-    if cfg.ttt.ttt_mode != "none":
+    if "ttt" in stages:
         score("ttt", qmodel, cfg.eval, cfg.ttt)
     eval_time = time.perf_counter() - t_eval
-    final = next(scores[k] for k in ("ttt", "sliding", "quant") if scores[k] is not None)
+    final = scores[stages[-1]]
 
     golf_result = {
         "seed": cfg.train.seed, "preset": cfg.preset, "code_sha256": code_sha,
