@@ -6,7 +6,8 @@
 #                                            submit1)
 # Expects (made by tools/prepare_carry.sh), carried with the working tree: .whl/ (brotli, zstandard wheels)
 # and .carry/ (proxy/*.jsonl.{gz,xz}, tok/*.model, val1024/ and val8192/ FineWeb eval shards).
-# Every log goes to $OUT (or ./device_out); each stage has its own time limit.
+# Every log goes to $OUT (or ./device_out); each stage has its own time limit. Filters are
+# line-buffered, so a stage killed by its limit (or the call's) still leaves its log so far.
 set -uo pipefail
 OUT=${OUT:-device_out}
 mkdir -p "$OUT"
@@ -71,7 +72,7 @@ run_preset() {  # run_preset PRESET VOCAB TOKENIZER EXTRA_SET...
   for s in "$@" ${EXTRA_SETS:-}; do sets+=(--set "$s"); done
   mkdir -p "$OUT/$preset"
   timeout 560 python3 -m golf run --preset "$preset" "${sets[@]}" --out "$OUT/$preset" 2>&1 \
-    | grep -v "^config \|^versions " | tee "$OUT/$preset.log" | grep -v "ttt_sgd chunk"
+    | grep --line-buffered -v "^config \|^versions " | tee "$OUT/$preset.log" | grep --line-buffered -v "ttt_sgd chunk"
 }
 # Compiled evaluation smoke test on the carried artifact; if it fails, the runs evaluate eagerly.
 stage_evalsmoke() {
@@ -91,9 +92,9 @@ stage_profile() {  # one record step under the profiler: the top CUDA kernels (P
 stage_record() { run_preset record 8192 $TOK8; }
 stage_quantstudy() {  # one record model (QS_WALL s), quantized several ways: bytes and BPB gap side by side
   timeout 400 python3 -m golf train --preset record --set data_path=$DATA/sp8192 --set tokenizer_path=$TOK8 \
-    --set max_wallclock_seconds=${QS_WALL:-240} --set out_dir=/tmp/qs_run 2>&1 | grep -E "^step:|stopped|model:" | tail -4
+    --set max_wallclock_seconds=${QS_WALL:-240} --set out_dir=/tmp/qs_run 2>&1 | grep --line-buffered -E "^step:|stopped|model:" | tail -4
   local variants=(); for v in ${QS_VARIANTS:-}; do variants+=(--variant "$v"); done  # none = the tool's defaults
-  timeout 330 python3 tools/quant_study.py /tmp/qs_run "${variants[@]}" ${QS_ARGS:-} 2>&1 | grep -v Warning | tee "$OUT/quant_study.txt"
+  timeout 330 python3 tools/quant_study.py /tmp/qs_run "${variants[@]}" ${QS_ARGS:-} 2>&1 | grep --line-buffered -v Warning | tee "$OUT/quant_study.txt"
 }
 stage_baseline() { run_preset baseline 1024 $TOK1; }
 
@@ -131,7 +132,7 @@ stage_loratime() {  # steady-state eval time on the 200 documents ×REP_TIMES, s
 stage_lorasweep() {  # LoRA learning rates and compile overhead on the first SWEEP_TOKENS tokens, warm
   val8192
   timeout 400 python3 tools/lora_sweep.py "$ART" --data $DATA/sp8192 --tokenizer $TOK8 \
-    --max-tokens ${SWEEP_TOKENS:-60000} --lr 0 1e-4 3e-4 1e-3 2>&1 | grep -v Warning | tee "$OUT/lora_sweep.txt"
+    --max-tokens ${SWEEP_TOKENS:-60000} --lr 0 1e-4 3e-4 1e-3 2>&1 | grep --line-buffered -v Warning | tee "$OUT/lora_sweep.txt"
 }
 stage_loraparity() {  # LoRA TTT, plain and phased, on the first PARITY_TOKENS tokens: one GPU vs two ranks
   val8192
@@ -145,7 +146,7 @@ stage_loraparity() {  # LoRA TTT, plain and phased, on the first PARITY_TOKENS t
     | tee "$OUT/lorap_2gpu.json"
 }
 stage_lorabench() {  # one LoRA-TTT step in isolation, eager vs compiled, and its profile
-  timeout 240 python3 tools/lora_bench.py "$ART" --shapes 32x2048 32x512 4x2048 1x2048 2>&1 | grep -v Warning \
+  timeout 240 python3 tools/lora_bench.py "$ART" --shapes 32x2048 32x512 4x2048 1x2048 2>&1 | grep --line-buffered -v Warning \
     | tee "$OUT/lora_bench.txt"
 }
 stage_loradump() {  # every token's NLL on the first DUMP_TOKENS tokens: sliding, and LoRA at each of DUMP_LRS
@@ -160,7 +161,7 @@ stage_loradump() {  # every token's NLL on the first DUMP_TOKENS tokens: sliding
 stage_profileeval() {  # where LoRA TTT's time goes (warm, profiled)
   val8192
   timeout 300 python3 tools/profile_eval.py "$ART" --data $DATA/sp8192 --tokenizer $TOK8 --ttt lora \
-    --max-tokens 5000 "${EVAL_OVERRIDES[@]}" 2>&1 | grep -v Warning | tee "$OUT/profile_eval.txt"
+    --max-tokens 5000 "${EVAL_OVERRIDES[@]}" 2>&1 | grep --line-buffered -v Warning | tee "$OUT/profile_eval.txt"
 }
 stage_lorap() {  # the same with phased global SGD, scaled to the 200 documents: pauses after 33, 67, 100
   val8192
@@ -185,7 +186,7 @@ stage_parity() {  # 1 GPU (gradient accumulation) vs 2 GPUs, same seed and globa
 stage_submit2() {  # make submit NPROC=2: bundle → torchrun train_gpt.py → records folder → stats
   timeout 330 python3 -m golf submit --preset record --seed 42 --name proxy_2gpu --nproc 2 \
     --records-dir "$OUT/records" --work-dir /tmp/work "${PARITY[@]}" --set tokenizer_path=$PWD/$TOK8 \
-    2>&1 | grep -v "ttt_sgd chunk" | tail -25
+    2>&1 | grep --line-buffered -v "ttt_sgd chunk" | tail -25
   python3 -m golf stats "$OUT"/records/*_proxy_2gpu | tee "$OUT/stats.txt"
 }
 
@@ -193,7 +194,7 @@ stage_submit1() {  # make submit on one GPU: the bundled train_gpt.py for WALL s
   local sets=(--set data_path=$DATA/sp8192 --set tokenizer_path=$PWD/$TOK8 --set max_wallclock_seconds=$WALL)
   for s in ${EXTRA_SETS:-}; do sets+=(--set "$s"); done
   timeout 560 python3 -m golf submit --preset record --seed 42 --name proxy_1gpu --nproc 1 \
-    --records-dir "$OUT/records" --work-dir /tmp/work1 "${sets[@]}" 2>&1 | grep -v "ttt_sgd chunk" | tail -30
+    --records-dir "$OUT/records" --work-dir /tmp/work1 "${sets[@]}" 2>&1 | grep --line-buffered -v "ttt_sgd chunk" | tail -30
   cp /tmp/work1/*/seed42/final_model.golf "$OUT/" 2>/dev/null || cp /tmp/work1/*/*/final_model.golf "$OUT/"
 }
 
