@@ -51,20 +51,22 @@ if triton is not None:
                 for m, n, k, s, w in shapes]
 
     @triton.jit
+    def _grouped_tile(tile, num_m, num_n, GROUP_M: tl.constexpr):
+        """(row block, column block) of tile number `tile` in grouped order: GROUP_M row blocks
+        share each column block of B while it sits in L2."""
+        per_group = GROUP_M * num_n
+        first_m = (tile // per_group) * GROUP_M
+        rows_here = tl.minimum(num_m - first_m, GROUP_M)
+        return first_m + (tile % per_group) % rows_here, (tile % per_group) // rows_here
+
+    @triton.jit
     def _mm_leaky_kernel(a_ptr, b_ptr, out_ptr, aux_ptr, M, N, K, stride_am, stride_ak, stride_bk, stride_bn,
                          stride_om, stride_on, BACKWARD: tl.constexpr, BLOCK_M: tl.constexpr,
                          BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
                          DOT_FP32: tl.constexpr = False):
         """C = A·B [M, N] in fp32, then: forward, out = C (h) and aux = leaky(C)² (a); backward,
         out = C · leaky²'(aux), with aux = h."""
-        pid = tl.program_id(0)
-        num_m, num_n = tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N)
-        # Grouped order: GROUP_M row blocks share each column block of B while it sits in L2.
-        per_group = GROUP_M * num_n
-        first_m = (pid // per_group) * GROUP_M
-        rows_here = tl.minimum(num_m - first_m, GROUP_M)
-        pid_m = first_m + (pid % per_group) % rows_here
-        pid_n = (pid % per_group) // rows_here
+        pid_m, pid_n = _grouped_tile(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
         rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         rk = tl.arange(0, BLOCK_K)
@@ -112,13 +114,10 @@ if triton is not None:
         program per SM walking the tiles, so one tile's epilogue overlaps the next tile's loads.
         EPILOGUE_SUBTILE stores each tile in two column halves, halving the epilogue's shared memory."""
         num_m, num_n = tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N)
-        per_group = GROUP_M * num_n
         for tile in tl.range(tl.program_id(0), num_m * num_n, NUM_SMS, flatten=True,
                              warp_specialize=WARP_SPECIALIZE):
-            first_m = (tile // per_group) * GROUP_M
-            rows_here = tl.minimum(num_m - first_m, GROUP_M)
-            om = (first_m + (tile % per_group) % rows_here) * BLOCK_M
-            on = ((tile % per_group) // rows_here) * BLOCK_N
+            pid_m, pid_n = _grouped_tile(tile, num_m, num_n, GROUP_M)
+            om, on = pid_m * BLOCK_M, pid_n * BLOCK_N
             acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
             for k0 in range(0, K, BLOCK_K):
                 acc = tl.dot(a_desc.load([om, k0]), b_desc.load([on, k0]).T, acc)
