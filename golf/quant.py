@@ -543,7 +543,7 @@ def quantize_state(model_or_state_dict: nn.Module | dict[str, Tensor], qcfg: Qua
                 cache[key] = (rtn_quantize(w.cpu(), scale, bits), scale.half(), "rtn", 0, 0.0)
         q, scale, method, retries, damp = cache[key]
         records[name] = QuantRecord(name, "quant", klass, bits, tuple(t.shape), q=q, scale=scale,
-                                    aliases=list(aliases), clip_k=_quant_k_summary(k))
+                                    aliases=list(aliases), clip_k=quant_k_summary(k))
         hess_of[name] = h
         stats.method[name] = method
         if method != "rtn":
@@ -568,7 +568,7 @@ def quantize_state(model_or_state_dict: nn.Module | dict[str, Tensor], qcfg: Qua
     return QuantizedState(records, stats, dataclasses.asdict(qcfg))
 
 
-def _quant_k_summary(k: float | Tensor) -> float:
+def quant_k_summary(k: float | Tensor) -> float:
     """The k a record stores: itself, or the geometric mean of a per-row k."""
     return float(k) if isinstance(k, float) else float(k.float().log().mean().exp())
 

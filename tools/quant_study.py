@@ -26,7 +26,6 @@ from golf.eval import evaluate
 from golf.model import GPT
 from golf.pack import pack_bytes
 from golf.quant import (
-    _quant_k_summary,
     calibration_batches,
     collect_fisher,
     collect_hessians,
@@ -34,6 +33,7 @@ from golf.quant import (
     fisher_clip_k,
     fit_to_budget,
     quant_class,
+    quant_k_summary,
     quantize_state,
 )
 
@@ -104,7 +104,7 @@ def main() -> int:
     per_row = cfg.quant.clip_alloc == "fisher_rows"
     for klass in sorted({quant_class(n) for n in allocated}):
         # per tensor: its k; per row: the geometric mean of its rows' k (what an artifact records)
-        ks = sorted((_quant_k_summary(k), n) for n, k in allocated.items() if quant_class(n) == klass)
+        ks = sorted((quant_k_summary(k), n) for n, k in allocated.items() if quant_class(n) == klass)
         print(f"Fisher clip k{' (row geometric mean)' if per_row else ''}, {klass}: {ks[0][0]:.2f} ({ks[0][1]}) … "
               f"{ks[-1][0]:.2f} ({ks[-1][1]}) over {len(ks)} tensors", flush=True)
     meta = {"sha256": file_sha256(cfg.data.tokenizer_path), "vocab_size": cfg.model.vocab_size}
