@@ -375,8 +375,8 @@ def record() -> Config:
     )
     # Fisher-allocated clip k per row within ×/÷2.5 of the class k, scaled to land just under the
     # cap. At the same size on a 300 s record model, per row (×/÷1.5) paid +0.0077 BPB, against
-    # +0.0089 for a k per tensor and +0.0116 for class k; ×/÷2.5 paid +0.0051 on a 240 s model
-    # (docs/benchmarks.md)
+    # +0.0089 for a k per tensor and +0.0116 for class k; ×/÷2.5 paid +0.0051 on a 240 s model and
+    # +0.0063 to +0.0077 on two 300 s ones, where ×/÷4 paid +0.0102 (docs/benchmarks.md)
     cfg.quant = QuantConfig(attn_bits=6, mlp_bits=6, embed_bits=8, clip_k_attn=12.5, clip_k_mlp=11.5,
                             clip_k_embed=16.0, clip_alloc="fisher_rows", fisher_k_range=2.5, fit_mode="scale")
     cfg.eval = EvalConfig(eval_seq_len=2048, eval_stride=64, eval_batch_seqs=32)
