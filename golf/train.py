@@ -147,19 +147,16 @@ def train(cfg: Config, info: DistInfo | None = None, log: Callable[[str], None] 
                 if "momentum" in group:
                     group["momentum"] = muon_momentum_at(step, t)
         total = torch.zeros((), device=device)
-        # The 1/accum scale enters as the output gradient: a division node would hand compiled
-        # autograd a python int that torch 2.11's inductor then calls .item() on.
-        loss_grad = torch.full((), 1.0 / accum, device=device)
         with record_function("forward_backward"):
             for _ in range(accum):
                 x, y = loader.next_batch(micro_seqs, device)
                 with amp:
                     loss = loss_fn(x, y)
                 if backward_compiler is None:
-                    loss.backward(loss_grad)
+                    (loss / accum).backward()
                 else:
                     with torch._dynamo.compiled_autograd._enable(backward_compiler):
-                        loss.backward(loss_grad)
+                        (loss / accum).backward()
                 total += loss.detach()
         with record_function("optimizer"):
             all_reduce_grads(params)
