@@ -114,9 +114,6 @@ class TrainConfig:
     compile: bool = True
     profile_step: int = 0  # > 0: profile this timed step on rank 0 and log its top CUDA kernels
     compile_scope: str = "blocks"  # blocks: each block and the head on their own (fast start) | model
-    # Trace each backward pass whole (torch compiled autograd): fuses the gradient sums that eager
-    # autograd runs between compiled blocks (x0 and U-Net skips feed several blocks).
-    compiled_autograd: bool = False
     # default | coordinate-descent (inductor tunes each generated kernel's block sizes: slower start).
     # max-autotune was measured: cuBLAS beat every Triton matmul template, after > 4 min of tuning
     compile_mode: str = "default"

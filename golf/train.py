@@ -134,8 +134,6 @@ def train(cfg: Config, info: DistInfo | None = None, log: Callable[[str], None] 
         model.compile_blocks(True, options=options)
     loss_fn = (torch.compile(model.loss, dynamic=False, options=options) if t.compile and t.compile_scope == "model"
                else model.loss)
-    backward_compiler = (torch.compile(dynamic=False, options=options) if t.compile and t.compiled_autograd
-                         else None)
     ema = [p.detach().float().clone() for p in params] if t.ema_decay > 0 else None
     log(f"model: {model.num_params():,} params, attention backend {model.attn_backend_name}, "
         f"world {info.world_size}, grad_accum {accum} x {micro_seqs} seqs of {t.train_seq_len}")
@@ -152,11 +150,7 @@ def train(cfg: Config, info: DistInfo | None = None, log: Callable[[str], None] 
                 x, y = loader.next_batch(micro_seqs, device)
                 with amp:
                     loss = loss_fn(x, y)
-                if backward_compiler is None:
-                    (loss / accum).backward()
-                else:
-                    with torch._dynamo.compiled_autograd._enable(backward_compiler):
-                        (loss / accum).backward()
+                (loss / accum).backward()
                 total += loss.detach()
         with record_function("optimizer"):
             all_reduce_grads(params)
