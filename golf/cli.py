@@ -351,6 +351,8 @@ def eval_cmd(
     typer.echo(f"eval {r.mode}: val_loss:{r.val_loss:.8f} val_bpb:{r.val_bpb:.8f} tokens:{r.tokens} "
                f"bytes:{r.bytes} eval_time:{sum(r.times.values()) * 1000:.0f}ms")
     typer.echo("phases: " + " ".join(f"{k}={v:.2f}" for k, v in r.times.items()))
+    if r.deadline_hit:
+        typer.echo("ttt_deadline_s was reached: the targets after it were scored without adapting")
 
 
 # ---- submit commands ----

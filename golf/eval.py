@@ -93,6 +93,7 @@ class EvalResult:
     val_bpb: float
     times: dict[str, float] = field(default_factory=dict)  # seconds per phase; phases do not overlap
     mode: str = "plain"
+    deadline_hit: bool = False  # TTT stopped adapting at ttt_deadline_s (this rank's view)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -130,10 +131,10 @@ def _eval_plan_chunks(plan: torch.Tensor, bounds: list[int]) -> Iterator[tuple[i
         yield lo, hi, rows
 
 
-def _eval_doc_plan(d0: int, d1: int, chunk: int, seq_len: int) -> torch.Tensor:
-    """One row per chunk of document targets [d0, d1): context from the document only, at most
-    seq_len tokens (more only if a chunk alone is longer)."""
-    score = torch.arange(d0, d1, chunk, dtype=torch.int64)
+def _eval_doc_plan(d0: int, d1: int, chunk: int, seq_len: int, first: int | None = None) -> torch.Tensor:
+    """One row per chunk of document targets [first, d1) (first defaults to d0): context from
+    the document only, at most seq_len tokens (more only if a chunk alone is longer)."""
+    score = torch.arange(d0 if first is None else first, d1, chunk, dtype=torch.int64)
     end = (score + chunk).clamp(max=d1)
     ctx = torch.minimum(score, end - seq_len).clamp(min=d0)
     return torch.stack((ctx, end, score), dim=1)
@@ -323,6 +324,17 @@ class _EvalRun:
     rank: int
     world_size: int
     compiled: bool = False  # blocks run compiled: _eval_warmup compiles them before anything is scored
+    started: float = 0.0  # time.perf_counter() when the evaluation started
+    deadline: float | None = None  # time.perf_counter() when TTT stops adapting (ttt_deadline_s)
+    deadline_hit: bool = False
+
+    def past_deadline(self) -> bool:
+        return self.deadline is not None and time.perf_counter() >= self.deadline
+
+    def log_deadline(self, what: str) -> None:
+        self.deadline_hit = True
+        self.log(f"ttt_deadline {self.tcfg.ttt_deadline_s:g}s reached at "
+                 f"{time.perf_counter() - self.started:.1f}s: adapting stopped; {what}")
 
 
 def _eval_warmup(run: _EvalRun, width: int, rows: int, scored: int, train: bool,
@@ -416,11 +428,17 @@ def _eval_ttt_sgd(run: _EvalRun) -> None:
     bounds = list(range(0, run.n_targets, t.ttt_chunk_tokens)) + [run.n_targets]
     n_chunks = len(bounds) - 1
     every = max(1, n_chunks // 20)
+    adapting = True
     for c, (lo, hi, rows) in enumerate(_eval_plan_chunks(plan, bounds)):
         a, b = _eval_rank_range(rows.size(0), run.rank, run.world_size)
         _eval_score_rows(run, rows[a:b])
         if c == n_chunks - 1:
             break
+        if adapting and _eval_deadline_agreed(run):
+            adapting = False
+            run.log_deadline(f"chunks {c + 2}..{n_chunks} scored by the model as it stands")
+        if not adapting:
+            continue
         lr = t.ttt_lr * 0.5 * (1.0 + math.cos(math.pi * c / (n_chunks - 1)))
         for group in opt.param_groups:
             group["lr"] = lr
@@ -430,6 +448,15 @@ def _eval_ttt_sgd(run: _EvalRun) -> None:
         if (c + 1) % every == 0:
             run.log(f"ttt_sgd chunk:{c + 1}/{n_chunks} lr:{lr:.3e} "
                     f"elapsed:{sum(run.clock.times.values()):.1f}s")
+
+
+def _eval_deadline_agreed(run: _EvalRun) -> bool:
+    """Whether any rank is past the deadline: the SGD steps all-reduce, so every rank must stop
+    at the same chunk. Costs one tiny all-reduce per chunk, and only with a deadline set."""
+    if run.deadline is None:
+        return False
+    passed = torch.tensor([float(run.past_deadline())], device=run.tokens.device)
+    return bool(all_reduce_sum(passed).item() > 0)
 
 
 # ----------------------------------------------------------------------------- LoRA TTT
@@ -572,6 +599,14 @@ def _eval_lora_docs(run: _EvalRun, bank: _EvalLoraBank, docs: list[tuple[int, in
         pause_when_done()  # a rank without documents in the first groups
         while any(d is not None for d in doc_of):
             active = [s for s in range(bank.slots) if doc_of[s] is not None]
+            if run.past_deadline():  # each rank on its own: the pauses after it keep them in step
+                rest = [doc_of[s] for s in active] + list(queue)
+                firsts = [int(plans[doc_of[s]][chunk_of[s], 2]) for s in active]
+                firsts += [docs[i][0] for i in rest[len(active):]]
+                _eval_lora_rest(run, bank, [(docs[i][0], first, docs[i][1]) for i, first in zip(rest, firsts)])
+                for i in rest:
+                    unfinished[docs[i][2]] -= 1
+                break
             rows = torch.stack([plans[doc_of[s]][chunk_of[s]] for s in active])
             trains = torch.tensor([chunk_of[s] + 1 < plans[doc_of[s]].size(0) for s in active])
             bank.use(active if len(active) > 1 else active * 2)  # a lone row runs twice (_eval_window_nll)
@@ -596,6 +631,25 @@ def _eval_lora_docs(run: _EvalRun, bank: _EvalLoraBank, docs: list[tuple[int, in
         pause_when_done()
     finally:
         bank.use(None)
+
+
+def _eval_lora_rest(run: _EvalRun, bank: _EvalLoraBank, spans: list[tuple[int, int, int]]) -> None:
+    """Past the deadline: score targets [first, d1) of each (d0, first, d1) by the model as it
+    stands (fresh adapters are exactly the base model), in LoRA-window rows scoring half a window
+    each, `bank.slots` rows per forward, through the graphs the LoRA steps already compiled."""
+    window = _eval_lora_window(run.tcfg, run.ecfg)
+    rows = torch.cat([_eval_doc_plan(d0, d1, max(1, window // 2), window, first) for d0, first, d1 in spans])
+    run.log_deadline(f"{int((rows[:, 1] - rows[:, 2]).sum()):,} targets of {len(spans)} documents "
+                     f"scored by the model as it stands")
+    for slot in range(bank.slots):
+        bank.reset(slot)
+    with run.clock("after_deadline_s"):
+        for i in range(0, rows.size(0), bank.slots):
+            batch = rows[i:i + bank.slots]
+            bank.use(list(range(max(2, batch.size(0)))))  # a lone row runs twice (_eval_window_nll)
+            nll = _eval_window_nll(run.model, run.tokens, batch, run.amp())
+            run.sink.add(batch, nll.detach())
+            del nll
 
 
 def _eval_ttt_lora(run: _EvalRun, tokens_cpu: torch.Tensor) -> None:
@@ -688,9 +742,11 @@ def evaluate(model: GPT, val_tokens: torch.Tensor, table: ByteTable, ecfg: EvalC
     work.eval()
     clock = _EvalClock(device)
     compiled = _eval_compiles(ecfg, device)
+    started = time.perf_counter()
+    deadline = started + tcfg.ttt_deadline_s if tcfg.ttt_deadline_s > 0 and tcfg.ttt_mode != "none" else None
     run = _EvalRun(work, tokens_cpu.to(device), n_targets, ecfg, tcfg,
                    _EvalSink(device, keep_values=dump_path is not None), clock, amp,
-                   log if rank == 0 else (lambda _msg: None), rank, world_size, compiled)
+                   log if rank == 0 else (lambda _msg: None), rank, world_size, compiled, started, deadline)
     # Window widths, batch sizes and LoRA chunks vary: one dynamic-shape graph per region and mode.
     # Without duck shaping, a width that happens to equal a LoRA dimension (both symbolic) is not
     # unified with it and then specialized to that value, which recompiled graph after graph.
@@ -708,7 +764,8 @@ def evaluate(model: GPT, val_tokens: torch.Tensor, table: ByteTable, ecfg: EvalC
     with clock("finalize_s"):
         n_tokens, n_bytes, nll_sum = run.sink.finish(tokens_cpu, n_targets, table, dump_path)
     return EvalResult(tokens=n_tokens, bytes=n_bytes, nll_sum=nll_sum, val_loss=nll_sum / n_tokens,
-                      val_bpb=nll_sum / math.log(2) / max(n_bytes, 1), times=dict(clock.times), mode=mode)
+                      val_bpb=nll_sum / math.log(2) / max(n_bytes, 1), times=dict(clock.times), mode=mode,
+                      deadline_hit=run.deadline_hit)
 
 
 def _eval_compiles(ecfg: EvalConfig, device: torch.device) -> bool:

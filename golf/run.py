@@ -146,8 +146,13 @@ def run_pipeline(cfg: Config, code_path: str | None = None, out_dir: str = ".",
     t_eval = time.perf_counter()
 
     def score(tag: str, m, ecfg, tcfg) -> None:
+        if tcfg.ttt_deadline_s > 0:  # the TTT deadline counts from the first evaluation stage
+            left = tcfg.ttt_deadline_s - (time.perf_counter() - t_eval)
+            tcfg = dataclasses.replace(tcfg, ttt_deadline_s=max(left, 1e-3))
         r = evaluate(m, val_tokens, table, ecfg, tcfg, log=say)
         scores[tag] = {"val_loss": r.val_loss, "val_bpb": r.val_bpb, "tokens": r.tokens, "bytes": r.bytes}
+        if tcfg.ttt_mode != "none":
+            scores[tag]["ttt_deadline_hit"] = r.deadline_hit
         phases[f"eval_{tag}"] = sum(r.times.values())
         name = {"prequant": "prequant", "quant": "quant", "sliding": "quant_sliding", "ttt": "quant_ttt"}[tag]
         say(f"final_{name} val_loss:{r.val_loss:.8f} val_bpb:{r.val_bpb:.8f} "

@@ -603,6 +603,8 @@ def describe_techniques(cfg: Config) -> list[str]:
                    + (f", {ttt.lora_phases} phased global SGD pauses" if ttt.lora_phases else ""))
     else:
         out.append("no test-time training")
+    if ttt.ttt_mode != "none" and ttt.ttt_deadline_s:
+        out[-1] += f"; adapting stops {ttt.ttt_deadline_s:g} s into the evaluation"
     return out
 
 

@@ -53,6 +53,7 @@ def test_cli_overrides_win_over_env():
     ({"EVAL_STRIDE": "5000"}, "eval_stride"),
     ({"MLP_BITS": "9"}, "mlp_bits must be in [2, 8]"),
     ({"COMPILE_MODE": "max-autotune"}, "compile_mode must be default|coordinate-descent"),
+    ({"TTT_DEADLINE_S": "-1"}, "ttt_deadline_s must be >= 0"),
 ])
 def test_bad_values_are_one_line_errors(env, message):
     with pytest.raises(ConfigError) as info:

@@ -244,6 +244,55 @@ def test_lora_context_limits_the_window_of_each_step(tiny_eval, tmp_path):
     assert np.abs(short[~near] - full[~near]).max() > 1e-3
 
 
+def test_ttt_deadline_stops_adapting_and_scores_every_target_once(tiny_eval, tmp_path, monkeypatch):
+    """Past ttt_deadline_s nothing adapts any more and the rest is scored by the model as it
+    stands: SGD then scores exactly what sliding windows score; LoRA scores the documents it has
+    not started as its frozen adapters would in chunks of half a window, keeps what it scored
+    before the deadline, and still runs every phase pause (collectives stay matched across ranks)."""
+    import golf.eval as golf_eval
+
+    m, table, tokens = tiny_eval.model, tiny_eval.table, tiny_eval.stream
+
+    def nll(tcfg, name):
+        r = evaluate(m, tokens, table, SLIDING, tcfg, dump_nll=tmp_path / name, **QUIET)
+        return r, np.load(tmp_path / name)
+
+    now = 1e-9  # past the deadline from the start
+    _, sliding = nll(NO_TTT, "sliding.npy")
+    sgd, sgd_nll = nll(dataclasses.replace(SGD, ttt_deadline_s=now), "sgd.npy")
+    assert sgd.deadline_hit and "ttt_train_s" not in sgd.times
+    np.testing.assert_allclose(sgd_nll, sliding, atol=1e-5)
+    assert not nll(dataclasses.replace(SGD, ttt_deadline_s=1e6), "sgd_late.npy")[0].deadline_hit
+
+    window = SLIDING.eval_seq_len  # LORA's steps see the whole eval window
+    frozen = dataclasses.replace(LORA, lora_lr=0.0, lora_chunk_tokens=window // 2)
+    _, frozen_nll = nll(frozen, "frozen.npy")
+    late, adapted = nll(LORA, "lora.npy")
+    early, early_nll = nll(dataclasses.replace(LORA, ttt_deadline_s=now), "lora_now.npy")
+    assert early.deadline_hit and not late.deadline_hit and "after_deadline_s" in early.times
+    np.testing.assert_allclose(early_nll, frozen_nll, atol=1e-5)
+
+    # A deadline after two LoRA steps: the 4 slots' longest documents are under way, the rest waits.
+    checks = itertools.count()
+    monkeypatch.setattr(golf_eval._EvalRun, "past_deadline", lambda self: next(checks) >= 2)
+    mid, mid_nll = nll(LORA, "lora_mid.npy")
+    assert mid.deadline_hit and mid.tokens == late.tokens
+    spans = golf_eval._eval_doc_spans(tokens, tokens.numel() - 1).tolist()
+    started = sorted(spans, key=lambda d: d[0] - d[1])[:LORA.lora_slots]
+    for d0, d1 in spans:
+        if [d0, d1] in started:  # its first two chunks were scored (and trained on) before
+            np.testing.assert_allclose(mid_nll[d0:d0 + 2 * LORA.lora_chunk_tokens],
+                                       adapted[d0:d0 + 2 * LORA.lora_chunk_tokens], atol=1e-4)
+        else:
+            np.testing.assert_allclose(mid_nll[d0:d1], frozen_nll[d0:d1], atol=1e-5)
+
+    pauses = []
+    monkeypatch.setattr(golf_eval, "_eval_phase_sgd", lambda run, params, opt, end: pauses.append(end))
+    monkeypatch.setattr(golf_eval._EvalRun, "past_deadline", lambda self: True)
+    assert nll(LORA_PHASED, "phased.npy")[0].deadline_hit
+    assert len(pauses) == LORA_PHASED.lora_phases
+
+
 def test_bad_inputs_are_one_line_errors(tiny_eval, tmp_path):
     (tmp_path / "taken.npy").write_bytes(b"x")
     with pytest.raises(EvalError, match="already exists"):

@@ -282,6 +282,8 @@ def test_techniques_name_the_quantizer_settings():
     record = " ".join(describe_techniques(load_config("record", environ={})))
     assert "per-row k from the Fisher of 32 training windows, within ×/÷2.5 of those" in record
     assert "one factor on every k fitted to the cap" in record and "per-tensor" not in record
+    assert ("score-first document LoRA TTT: rank 96, lr 0.0003, 48-token chunks, 3 phased global SGD "
+            "pauses; adapting stops 540 s into the evaluation") in record
     tensors = " ".join(describe_techniques(load_config("record", ["clip_alloc=fisher"], environ={})))
     assert "per-tensor k from the Fisher of 32 training windows" in tensors and "per-row" not in tensors
     baseline = " ".join(describe_techniques(load_config("baseline", environ={})))
