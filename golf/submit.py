@@ -591,8 +591,13 @@ def describe_techniques(cfg: Config) -> list[str]:
                + (f"; LQER rank {q.lqer_rank} on {q.lqer_tensors} tensors at int{q.lqer_bits}"
                   if q.lqer_rank else "")
                + f"; codec {q.codec}")
-    out.append(f"eval: sliding window {e.eval_seq_len} stride {e.eval_stride}" if e.eval_stride
-               else f"eval: non-overlapping {e.eval_seq_len}-token windows")
+    if ttt.ttt_mode == "lora":  # the LoRA chunks are the scoring windows
+        window = min(ttt.lora_context or e.eval_seq_len, e.eval_seq_len)
+        out.append(f"eval: each document on its own, in {ttt.lora_chunk_tokens}-token chunks that each see "
+                   f"up to {window:,} tokens of it")
+    else:
+        out.append(f"eval: sliding window {e.eval_seq_len} stride {e.eval_stride}" if e.eval_stride
+                   else f"eval: non-overlapping {e.eval_seq_len}-token windows")
     if ttt.ttt_mode == "sgd":
         out.append(f"score-first chunked TTT: {ttt.ttt_chunk_tokens:,}-token chunks, SGD lr {ttt.ttt_lr:g} "
                    f"momentum {ttt.ttt_momentum:g}, {ttt.ttt_epochs} epoch(s) per chunk, "

@@ -284,6 +284,10 @@ def test_techniques_name_the_quantizer_settings():
     assert "one factor on every k fitted to the cap" in record and "per-tensor" not in record
     assert ("score-first document LoRA TTT: rank 96, lr 0.0003, 48-token chunks, 3 phased global SGD "
             "pauses; adapting stops 540 s into the evaluation") in record
+    assert "each document on its own, in 48-token chunks that each see up to 1,024 tokens" in record
+    assert "sliding window" not in record
+    sgd = " ".join(describe_techniques(load_config("record", ["ttt_mode=sgd"], environ={})))
+    assert "eval: sliding window 2048 stride 64" in sgd and "chunked TTT" in sgd
     tensors = " ".join(describe_techniques(load_config("record", ["clip_alloc=fisher"], environ={})))
     assert "per-tensor k from the Fisher of 32 training windows" in tensors and "per-row" not in tensors
     baseline = " ".join(describe_techniques(load_config("baseline", environ={})))
