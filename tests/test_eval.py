@@ -32,7 +32,10 @@ SGD = TTTConfig(ttt_mode="sgd", ttt_chunk_tokens=700, ttt_epochs=2, ttt_lr=0.05)
 LORA = TTTConfig(ttt_mode="lora", lora_rank=4, lora_chunk_tokens=32, lora_lr=0.01, lora_slots=4)
 LORA_PHASED = dataclasses.replace(LORA, lora_phases=2, lora_phase_docs=6, ttt_chunk_tokens=700, ttt_lr=0.01)
 VARIANTS = {"plain": (PLAIN, NO_TTT), "sliding": (SLIDING, NO_TTT), "sgd": (SLIDING, SGD),
-            "lora": (SLIDING, LORA), "lora_phased": (SLIDING, LORA_PHASED)}
+            "lora": (SLIDING, LORA), "lora_phased": (SLIDING, LORA_PHASED),
+            # past the deadline from the start: nothing adapts, every rank still joins every collective
+            "sgd_deadline": (SLIDING, dataclasses.replace(SGD, ttt_deadline_s=1e-9)),
+            "lora_phased_deadline": (SLIDING, dataclasses.replace(LORA_PHASED, ttt_deadline_s=1e-9))}
 
 
 def random_stream(n: int = 2001, vocab: int = 512, seed: int = 0) -> torch.Tensor:
@@ -355,7 +358,7 @@ def test_phased_lora_trains_only_on_scored_documents_and_never_drains(tiny_eval,
 
 
 def test_two_gloo_ranks_match_one_process(tiny_eval, tmp_path):
-    names = ["sliding", "sgd", "lora", "lora_phased"]
+    names = ["sliding", "sgd", "lora", "lora_phased", "sgd_deadline", "lora_phased_deadline"]
     t = tiny_eval.table
     torch.save({"state": tiny_eval.model.state_dict(), "tokens": tiny_eval.stream, "variants": names,
                 "table": (t.base_bytes, t.has_leading_space, t.is_control)}, tmp_path / "payload.pt")
@@ -369,10 +372,10 @@ def test_two_gloo_ranks_match_one_process(tiny_eval, tmp_path):
                           dump_nll=tmp_path / f"{name}.npy", **QUIET)
         for nll_sum, tokens, n_bytes in (s[name] for s in per_rank):  # every rank returns the totals
             assert (tokens, n_bytes) == (single.tokens, single.bytes)
-            if not tcfg.lora_phases:
+            if not tcfg.lora_phases or tcfg.ttt_deadline_s:
                 assert nll_sum == pytest.approx(single.nll_sum, rel=1e-6)
         ranks, one = np.load(out / f"{name}.npy"), np.load(tmp_path / f"{name}.npy")
-        if tcfg.lora_phases:
+        if tcfg.lora_phases and not tcfg.ttt_deadline_s:
             # Documents keep going through a pause, so which chunks come after a global SGD step
             # depends on the schedule, and so on the world size. Before the first pause both
             # runs are plain LoRA: the first group's documents score the same.
