@@ -184,8 +184,10 @@ stage_parity() {  # 1 GPU (gradient accumulation) vs 2 GPUs, same seed and globa
 }
 
 stage_submit2() {  # make submit NPROC=2: bundle → torchrun train_gpt.py → records folder → stats
-  timeout 330 python3 -m golf submit --preset record --seed 42 --name proxy_2gpu --nproc 2 \
-    --records-dir "$OUT/records" --work-dir /tmp/work "${PARITY[@]}" --set tokenizer_path=$PWD/$TOK8 \
+  local sets=("${PARITY[@]}" --set tokenizer_path=$PWD/$TOK8)
+  for s in ${EXTRA_SETS:-}; do sets+=(--set "$s"); done
+  timeout ${SUBMIT2_LIMIT:-330} python3 -m golf submit --preset record --seed 42 --name proxy_2gpu --nproc 2 \
+    --records-dir "$OUT/records" --work-dir /tmp/work "${sets[@]}" \
     2>&1 | grep --line-buffered -v "ttt_sgd chunk" | tail -25
   python3 -m golf stats "$OUT"/records/*_proxy_2gpu | tee "$OUT/stats.txt"
 }
