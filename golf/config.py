@@ -303,6 +303,11 @@ class Config:
         return self
 
 
+def lora_window(ttt: TTTConfig, ecfg: EvalConfig) -> int:
+    """Tokens a LoRA TTT step sees (context + chunk): lora_context, 0 meaning eval_seq_len, at most that."""
+    return min(ttt.lora_context or ecfg.eval_seq_len, ecfg.eval_seq_len)
+
+
 def _check(ok: bool, message: str) -> None:
     if not ok:
         raise ConfigError(message)

@@ -66,7 +66,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.fx.experimental import _config as fx_config
 
-from golf.config import Config, EvalConfig, GolfError, ModelConfig, TTTConfig
+from golf.config import Config, EvalConfig, GolfError, ModelConfig, TTTConfig, lora_window
 from golf.data import BOS_ID, ByteTable, byte_table, list_shards, load_tokenizer, load_val_tokens
 from golf.dist import all_reduce_sum, init_distributed, world
 from golf.model import GPT, CastedLinear
@@ -553,11 +553,6 @@ def _eval_doc_spans(tokens_cpu: torch.Tensor, n_targets: int) -> torch.Tensor:
     return torch.stack((starts, ends), dim=1)
 
 
-def _eval_lora_window(tcfg: TTTConfig, ecfg: EvalConfig) -> int:
-    """Tokens a LoRA step sees (context + chunk): lora_context, 0 meaning eval_seq_len, at most that."""
-    return min(tcfg.lora_context or ecfg.eval_seq_len, ecfg.eval_seq_len)
-
-
 def _eval_lora_docs(run: _EvalRun, bank: _EvalLoraBank, docs: list[tuple[int, int, int]], n_groups: int,
                     pause: Callable[[int], None] | None = None) -> None:
     """Score documents (d0, d1, group) chunk by chunk, each with its own adapter, `bank.slots`
@@ -571,7 +566,7 @@ def _eval_lora_docs(run: _EvalRun, bank: _EvalLoraBank, docs: list[tuple[int, in
     document of groups 0..g; the slots keep their documents and adapters across it, so no slot
     idles while the last documents of a group finish."""
     t = run.tcfg
-    context = _eval_lora_window(t, run.ecfg)
+    context = lora_window(t, run.ecfg)
     plans = [_eval_doc_plan(d0, d1, t.lora_chunk_tokens, context) for d0, d1, _ in docs]
     unfinished = [0] * n_groups
     for *_, g in docs:
@@ -637,7 +632,7 @@ def _eval_lora_rest(run: _EvalRun, bank: _EvalLoraBank, spans: list[tuple[int, i
     """Past the deadline: score targets [first, d1) of each (d0, first, d1) by the model as it
     stands (fresh adapters are exactly the base model), in LoRA-window rows scoring half a window
     each, `bank.slots` rows per forward, through the graphs the LoRA steps already compiled."""
-    window = _eval_lora_window(run.tcfg, run.ecfg)
+    window = lora_window(run.tcfg, run.ecfg)
     rows = torch.cat([_eval_doc_plan(d0, d1, max(1, window // 2), window, first) for d0, first, d1 in spans])
     run.log_deadline(f"{int((rows[:, 1] - rows[:, 2]).sum()):,} targets of {len(spans)} documents "
                      f"scored by the model as it stands")
@@ -661,7 +656,7 @@ def _eval_ttt_lora(run: _EvalRun, tokens_cpu: torch.Tensor) -> None:
         p.requires_grad_(False)  # LoRA steps need no base-weight grads
     device = run.tokens.device
     bank = _EvalLoraBank(run.model, t.lora_rank, t.lora_slots, t.lora_lr, device, compile_step=run.compiled)
-    _eval_warmup(run, _eval_lora_window(t, run.ecfg), t.lora_slots, t.lora_chunk_tokens, train=True, bank=bank)
+    _eval_warmup(run, lora_window(t, run.ecfg), t.lora_slots, t.lora_chunk_tokens, train=True, bank=bank)
     # Pauses at fixed document counts (never depending on how many documents follow).
     pauses = sorted({round(k * t.lora_phase_docs / t.lora_phases) for k in range(1, t.lora_phases + 1)}
                     if t.lora_phases > 0 else set())
@@ -933,7 +928,7 @@ def eval_artifact(artifact: str | Path, data: str | None = None, tokenizer: str 
     t = cfg.ttt
     detail = {"sgd": f"ttt_lr {t.ttt_lr:g}, ttt_chunk_tokens {t.ttt_chunk_tokens}, ttt_epochs {t.ttt_epochs}",
               "lora": f"lora_lr {t.lora_lr:g}, lora_rank {t.lora_rank}, lora_chunk_tokens {t.lora_chunk_tokens}, "
-                      f"lora_context {_eval_lora_window(t, cfg.eval)}, "
+                      f"lora_context {lora_window(t, cfg.eval)}, "
                       f"lora_slots {t.lora_slots}, lora_phases {t.lora_phases}",
               "none": "no TTT"}[t.ttt_mode]
     log(f"eval settings (stored in the artifact unless overridden): eval_compile {cfg.eval.eval_compile}, "

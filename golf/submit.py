@@ -39,7 +39,7 @@ from pathlib import Path
 from typing import Callable
 
 from golf.bundle import READABLE_NAME, WRAPPER_NAME, bundle, write_file_atomic
-from golf.config import Config, GolfError
+from golf.config import Config, GolfError, lora_window
 
 SIZE_CAP_BYTES = 16_000_000  # the rule, not the config's size_cap_bytes (which a run could raise)
 TIME_CAP_S = 600.0
@@ -592,9 +592,8 @@ def describe_techniques(cfg: Config) -> list[str]:
                   if q.lqer_rank else "")
                + f"; codec {q.codec}")
     if ttt.ttt_mode == "lora":  # the LoRA chunks are the scoring windows
-        window = min(ttt.lora_context or e.eval_seq_len, e.eval_seq_len)
         out.append(f"eval: each document on its own, in {ttt.lora_chunk_tokens}-token chunks that each see "
-                   f"up to {window:,} tokens of it")
+                   f"up to {lora_window(ttt, e):,} tokens of it")
     else:
         out.append(f"eval: sliding window {e.eval_seq_len} stride {e.eval_stride}" if e.eval_stride
                    else f"eval: non-overlapping {e.eval_seq_len}-token windows")
