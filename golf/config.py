@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 ATTN_BACKENDS = ("auto", "fa3", "fa2", "sdpa")
-COMPILE_MODES = ("default", "coordinate-descent", "aggressive-fusion")
+COMPILE_MODES = ("default", "coordinate-descent")
 
 
 class GolfError(Exception):

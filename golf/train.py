@@ -129,8 +129,7 @@ def train(cfg: Config, info: DistInfo | None = None, log: Callable[[str], None] 
     use_cuda = device.type == "cuda"
     amp = (torch.autocast("cuda", dtype=torch.bfloat16) if use_cuda and t.amp_dtype == "bfloat16"
            else torch.autocast("cpu", enabled=False))
-    options = {"coordinate-descent": {"coordinate_descent_tuning": True},
-               "aggressive-fusion": {"aggressive_fusion": True}}.get(t.compile_mode)
+    options = {"coordinate_descent_tuning": True} if t.compile_mode == "coordinate-descent" else None
     if t.compile and t.compile_scope == "blocks":
         model.compile_blocks(True, options=options)
     loss_fn = (torch.compile(model.loss, dynamic=False, options=options) if t.compile and t.compile_scope == "model"
