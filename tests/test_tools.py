@@ -97,7 +97,7 @@ def test_quant_study_runs_the_default_variants_on_a_tiny_run(tmp_path, tiny_data
 def test_bench_codecs_entropy_is_the_ideal_order0_size():
     sys.path.insert(0, str(TOOLS))
     try:
-        from bench_codecs import order0_entropy_bytes
+        from bench_codecs import order0_entropy_bytes, row_class_entropy_bytes
     finally:
         sys.path.remove(str(TOOLS))
     import torch
@@ -107,3 +107,9 @@ def test_bench_codecs_entropy_is_the_ideal_order0_size():
     skewed = torch.tensor([0] * 3 + [1], dtype=torch.int8).repeat(100)  # p = 3/4, 1/4
     expected = 400 * -(0.75 * math.log2(0.75) + 0.25 * math.log2(0.25)) / 8
     assert abs(order0_entropy_bytes(skewed) - expected) < 1e-9
+    # Half the rows constant, half spread over 4 values: mixed in one histogram they cost more
+    # than with one histogram per class (plus 1 bit per row for the class).
+    rows = torch.cat((torch.zeros(8, 256, dtype=torch.int8), torch.tensor([0, 1, 2, 3] * 64).repeat(8, 1)))
+    per_class = row_class_entropy_bytes(rows[torch.randperm(16)], classes=2)
+    assert per_class == 8 * 256 * 2 / 8 + 16 / 8
+    assert per_class < order0_entropy_bytes(rows)

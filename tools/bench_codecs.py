@@ -4,7 +4,10 @@ Usage: python tools/bench_codecs.py ARTIFACT [--workers N]
 The artifact's quantized values are packed again unchanged, so the sizes compare the codecs on
 exactly the submitted model. Wall time is for all frames on `--workers` threads (default: all CPUs).
 Then, per class stream, the auto codec's bytes against the order-0 entropy of its values (each
-tensor's own histogram): how much any entropy coder could still save.
+tensor's own histogram): how much any entropy coder could still save; and against the entropy
+with one histogram per row class (each tensor's rows split into ROW_CLASSES classes by the spread
+of their values, the class of each row counted as side information): what a coder that switches
+tables row by row could save, since a per-row clip k gives rows different spreads.
 """
 
 import argparse
@@ -15,11 +18,24 @@ import torch
 from golf.pack import PACK_CODECS, pack_with_stats, read_artifact
 
 
+ROW_CLASSES = 8
+
+
 def order0_entropy_bytes(q: torch.Tensor) -> float:
     """Bytes of an ideal coder for q's values with q's own histogram (no context)."""
     counts = torch.unique(q, return_counts=True)[1].double()
     p = counts / counts.sum()
     return float(-(counts * p.log2()).sum()) / 8
+
+
+def row_class_entropy_bytes(q: torch.Tensor, classes: int = ROW_CLASSES) -> float:
+    """Bytes of an ideal coder with one histogram per class of rows (rows ranked by the std of
+    their values, cut into equal-count classes), plus log2(classes) bits per row for the class."""
+    spread = q.float().std(dim=1)
+    cls = torch.empty(q.size(0), dtype=torch.int64)
+    cls[torch.argsort(spread, stable=True)] = torch.arange(q.size(0)) * classes // q.size(0)
+    coded = sum(order0_entropy_bytes(q[cls == c]) for c in range(classes) if bool((cls == c).any()))
+    return coded + q.size(0) * torch.log2(torch.tensor(float(classes))).item() / 8
 
 
 def main() -> None:
@@ -40,12 +56,15 @@ def main() -> None:
         wall = time.perf_counter() - t
         print(f"{codec:<8} {len(blob):>12,} {8 * len(blob) / params:>11.3f} {wall:>8.1f}")
     kept = {st.name: st for st in stats.streams}  # the auto pack's streams
-    print(f"\n{'stream':<12} {'values':>12} {'auto bytes':>12} {'entropy bytes':>14} {'auto/entropy':>13}")
+    print(f"\n{'stream':<12} {'values':>12} {'auto bytes':>12} {'entropy bytes':>14} {'auto/entropy':>13} "
+          f"{'row-class bytes':>16} {'auto/row-class':>15}")
     for klass in sorted({rec.klass for rec in qs.records.values() if rec.kind == "quant"}):
         recs = [rec for rec in qs.records.values() if rec.kind == "quant" and rec.klass == klass]
         entropy = sum(order0_entropy_bytes(rec.q) for rec in recs)
+        by_rows = sum(row_class_entropy_bytes(rec.q) for rec in recs)
         values, length = sum(rec.q.numel() for rec in recs), kept[klass].length
-        print(f"{klass:<12} {values:>12,} {length:>12,} {entropy:>14,.0f} {length / entropy:>13.4f}")
+        print(f"{klass:<12} {values:>12,} {length:>12,} {entropy:>14,.0f} {length / entropy:>13.4f} "
+              f"{by_rows:>16,.0f} {length / by_rows:>15.4f}")
 
 
 if __name__ == "__main__":
