@@ -17,7 +17,6 @@ import torch
 
 from golf.pack import PACK_CODECS, pack_with_stats, read_artifact
 
-
 ROW_CLASSES = 8
 
 
