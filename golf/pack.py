@@ -2,7 +2,10 @@
 
 Layout (all integers little-endian; docs/artifact-format.md has the full schema):
 
-    b"GOLFART1" | u32 format version (1) | u64 header length | JSON header (utf-8) | streams
+    b"GOLFART1" | u32 format version (2) | u64 header length | brotli(JSON header, utf-8) | streams
+
+Version 1, still read, stored the same JSON header uncompressed (~36 KB for the record model,
+~3.4 KB compressed: the tensor table repeats its keys).
 
 The header holds the format version, the model config, the tokenizer {sha256, vocab_size}, the
 quant config, a tensor table (name, kind, class, bits, shape, aliases and, per part: dtype,
@@ -21,7 +24,8 @@ Notable:
 - Loading never unpickles and never calls torch.load: numpy `frombuffer` with explicit
   little-endian dtypes. Every offset, length, shape and dtype is checked against the header and
   the file size before anything is decompressed or allocated; the header is capped at
-  `PACK_HEADER_MAX` bytes and the decompressed total at `PACK_RAW_MAX`; decompression is bounded
+  `PACK_HEADER_MAX` bytes, stored and decompressed, and the streams' decompressed total at
+  `PACK_RAW_MAX`; decompression is bounded
   by the raw length in the header, and each stream's sha256 is verified.
 - `predict_size` counts parameters per class on a meta-device GPT and prices them with
   `PACK_RATIO_TABLE` (compressed bits per parameter measured on Gaussian rows, see there) or
@@ -66,7 +70,8 @@ from golf.quant import (
 )
 
 PACK_MAGIC = b"GOLFART1"
-PACK_VERSION = 1
+PACK_VERSION = 2  # what golf writes
+PACK_READS = (1, 2)  # what golf reads: 1 = uncompressed JSON header
 PACK_PREFIX = struct.Struct("<8sIQ")  # magic, format version, header length
 PACK_HEADER_MAX = 8 << 20  # a real header is tens of KB
 PACK_RAW_MAX = 1 << 30  # decompressed bytes of all streams together
@@ -203,7 +208,26 @@ def _pack_header_bytes(table: list[dict], streams: list[dict], model_cfg: dict, 
               "quant_config": qcfg, "tensors": table, "streams": streams}
     if run_config is not None:
         header["run_config"] = run_config
-    return json.dumps(header, separators=(",", ":"), ensure_ascii=True, allow_nan=False).encode("utf-8")
+    text = json.dumps(header, separators=(",", ":"), ensure_ascii=True, allow_nan=False).encode("utf-8")
+    return brotli.compress(text, quality=11)
+
+
+def _pack_header_json(stored: bytes, version: int) -> Any:
+    """The header object of a file of `version` from its stored bytes (bounded decompression)."""
+    if version >= 2:
+        try:
+            text = brotli.Decompressor().process(stored, output_buffer_limit=PACK_HEADER_MAX + 1)
+        except brotli.error:
+            raise ArtifactError("inconsistent header: brotli cannot decode it (corrupt artifact)") from None
+        if len(text) > PACK_HEADER_MAX:
+            raise ArtifactError(f"inconsistent header: it decompresses to more than the "
+                                f"{PACK_HEADER_MAX:,}-byte cap")
+    else:
+        text = stored
+    try:
+        return json.loads(bytes(text).decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
+        raise ArtifactError("inconsistent header: not valid UTF-8 JSON (corrupt artifact)") from None
 
 
 def _pack_as_dict(cfg: Any, what: str) -> dict:
@@ -358,10 +382,10 @@ def _pack_expected_parts(entry: dict, where: str) -> dict[str, tuple[list[int], 
     return parts
 
 
-def _pack_validate(header: Any, payload_size: int) -> None:
+def _pack_validate(header: Any, payload_size: int, version: int) -> None:
     """Check every table entry against itself and the file before anything is decoded."""
     _pack_require(isinstance(header, dict), "not a JSON object")
-    _pack_require(header.get("format_version") == PACK_VERSION, "format_version differs from the file's")
+    _pack_require(header.get("format_version") == version, "format_version differs from the file's")
     for key in ("model_config", "quant_config", "tokenizer"):
         _pack_require(isinstance(header.get(key), dict), f"{key} missing")
     tok = header["tokenizer"]
@@ -459,19 +483,17 @@ def unpack_bytes(data: bytes) -> tuple[QuantizedState, dict]:
     magic, version, header_len = PACK_PREFIX.unpack_from(data, 0)
     if magic != PACK_MAGIC:
         raise ArtifactError(f"bad magic {magic!r}: not a golf artifact (expected {PACK_MAGIC!r})")
-    if version != PACK_VERSION:
-        raise ArtifactError(f"unknown artifact format version {version} (this golf reads {PACK_VERSION})")
+    if version not in PACK_READS:
+        raise ArtifactError(f"unknown artifact format version {version} (this golf reads "
+                            f"{', '.join(map(str, PACK_READS))})")
     if header_len > PACK_HEADER_MAX:
         raise ArtifactError(f"inconsistent header: length {header_len:,} exceeds the "
                             f"{PACK_HEADER_MAX:,}-byte cap")
     start = PACK_PREFIX.size + header_len
     if start > len(data):
         raise ArtifactError(f"truncated artifact: header needs {start:,} bytes, the file has {len(data):,}")
-    try:
-        header = json.loads(bytes(data[PACK_PREFIX.size:start]).decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
-        raise ArtifactError("inconsistent header: not valid UTF-8 JSON (corrupt artifact)") from None
-    _pack_validate(header, len(data) - start)
+    header = _pack_header_json(bytes(data[PACK_PREFIX.size:start]), version)
+    _pack_validate(header, len(data) - start, version)
     raws: dict[str, bytes] = {}
     for s in header["streams"]:
         pos, pieces = start + s["offset"], []

@@ -11,6 +11,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import brotli
 import numpy as np
 import pytest
 import torch
@@ -21,6 +22,7 @@ from golf.cli import app
 from golf.config import tiny
 from golf.model import GPT
 from golf.pack import (
+    PACK_HEADER_MAX,
     PACK_PREFIX,
     PACK_RATIO_K,
     PACK_RATIO_TABLE,
@@ -76,14 +78,17 @@ def quantized():
     return cfg, state, hessians, qs, blob, stats
 
 
-def _reframe(header: dict, payload: bytes, version: int = 1) -> bytes:
+def _reframe(header: dict, payload: bytes, version: int = 2) -> bytes:
+    """An artifact with this header: brotli-compressed JSON from version 2 on, plain JSON in 1."""
     h = json.dumps(header).encode()
+    h = brotli.compress(h) if version >= 2 else h
     return PACK_PREFIX.pack(b"GOLFART1", version, len(h)) + h + payload
 
 
 def _split(blob: bytes) -> tuple[dict, bytes]:
-    _, _, n = PACK_PREFIX.unpack_from(blob)
-    return json.loads(blob[PACK_PREFIX.size:PACK_PREFIX.size + n]), blob[PACK_PREFIX.size + n:]
+    _, version, n = PACK_PREFIX.unpack_from(blob)
+    stored = blob[PACK_PREFIX.size:PACK_PREFIX.size + n]
+    return json.loads(brotli.decompress(stored) if version >= 2 else stored), blob[PACK_PREFIX.size + n:]
 
 
 def test_pack_unpack_is_bit_exact(quantized):
@@ -158,15 +163,19 @@ def test_hostile_or_damaged_artifacts_raise_artifact_error(quantized, tmp_path):
     header, payload = _split(blob)
     flipped = bytearray(blob)
     flipped[len(blob) - len(payload) // 2] ^= 0xFF
+    bomb = brotli.compress(b" " * (PACK_HEADER_MAX + 1))  # a few bytes that expand past the cap
     cases = [
         ("corrupt", bytes(flipped)),
         ("truncated", blob[:-7]),
         ("truncated", blob[:10]),
         ("bad magic", b"NOTGOLF1" + blob[8:]),
-        ("unknown artifact format version", _reframe(header, payload, version=2)),
+        ("unknown artifact format version 3", _reframe(header, payload, version=3)),
         ("unexpected bytes", blob + b"\0"),
         ("exceeds", PACK_PREFIX.pack(b"GOLFART1", 1, 1 << 40) + b"{}"),
         ("not valid UTF-8 JSON", PACK_PREFIX.pack(b"GOLFART1", 1, 4) + b"\xff{x}" + payload),
+        ("brotli cannot decode", PACK_PREFIX.pack(b"GOLFART1", 2, 4) + b"\xff{x}" + payload),
+        ("decompresses to more than", PACK_PREFIX.pack(b"GOLFART1", 2, len(bomb)) + bomb + payload),
+        ("format_version differs", _reframe(header, payload, version=1)),  # a version-2 header
     ]
     for expected, data in cases:
         with pytest.raises(ArtifactError, match=expected):
@@ -367,9 +376,20 @@ def test_cli_budget_and_quantize(tmp_path, tiny_tokenizer):
     assert res.exit_code == 0 and "measured" in res.output
 
 
-def test_header_is_plain_json_with_the_documented_fields(quantized):
+def test_version_1_artifacts_with_a_plain_json_header_still_read(quantized):
+    header, payload = _split(quantized[4])
+    old = _reframe(dict(header, format_version=1), payload, version=1)
+    back, read = unpack_bytes(old)
+    assert read["format_version"] == 1 and len(old) > len(quantized[4])  # the header costs more plain
+    for name, rec in quantized[3].records.items():
+        for part in ("q", "scale", "data"):
+            if getattr(rec, part) is not None:
+                assert torch.equal(getattr(back.records[name], part), getattr(rec, part))
+
+
+def test_header_is_compressed_json_with_the_documented_fields(quantized):
     header, _ = _split(quantized[4])
-    assert struct.unpack_from("<8sI", quantized[4]) == (b"GOLFART1", 1)
+    assert struct.unpack_from("<8sI", quantized[4]) == (b"GOLFART1", 2) and header["format_version"] == 2
     top_keys = {"format_version", "model_config", "tokenizer", "quant_config", "tensors", "streams"}
     assert top_keys <= set(header)
     part = header["tensors"][0]["parts"][0]

@@ -64,6 +64,7 @@ def main() -> None:
         values, length = sum(rec.q.numel() for rec in recs), kept[klass].length
         print(f"{klass:<12} {values:>12,} {length:>12,} {entropy:>14,.0f} {length / entropy:>13.4f} "
               f"{by_rows:>16,.0f} {length / by_rows:>15.4f}")
+    print(f"header (prefix + compressed JSON, as written now): {stats.header_bytes:,} bytes")
 
 
 if __name__ == "__main__":
