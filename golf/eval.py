@@ -325,11 +325,17 @@ class _EvalRun:
     world_size: int
     compiled: bool = False  # blocks run compiled: _eval_warmup compiles them before anything is scored
     started: float = 0.0  # time.perf_counter() when the evaluation started
-    deadline: float | None = None  # time.perf_counter() when TTT stops adapting (ttt_deadline_s)
     deadline_hit: bool = False
 
+    @property
+    def deadline(self) -> float | None:
+        """time.perf_counter() when TTT stops adapting (ttt_deadline_s), or None."""
+        t = self.tcfg
+        return self.started + t.ttt_deadline_s if t.ttt_deadline_s > 0 and t.ttt_mode != "none" else None
+
     def past_deadline(self) -> bool:
-        return self.deadline is not None and time.perf_counter() >= self.deadline
+        deadline = self.deadline
+        return deadline is not None and time.perf_counter() >= deadline
 
     def log_deadline(self, what: str) -> None:
         self.deadline_hit = True
@@ -595,11 +601,11 @@ def _eval_lora_docs(run: _EvalRun, bank: _EvalLoraBank, docs: list[tuple[int, in
         while any(d is not None for d in doc_of):
             active = [s for s in range(bank.slots) if doc_of[s] is not None]
             if run.past_deadline():  # each rank on its own: the pauses after it keep them in step
-                rest = [doc_of[s] for s in active] + list(queue)
-                firsts = [int(plans[doc_of[s]][chunk_of[s], 2]) for s in active]
-                firsts += [docs[i][0] for i in rest[len(active):]]
-                _eval_lora_rest(run, bank, [(docs[i][0], first, docs[i][1]) for i, first in zip(rest, firsts)])
-                for i in rest:
+                # (document, first unscored target): the slots' next chunks, then the queue's documents
+                pending = [(doc_of[s], int(plans[doc_of[s]][chunk_of[s], 2])) for s in active]
+                pending += [(i, docs[i][0]) for i in queue]
+                _eval_lora_rest(run, bank, [(docs[i][0], first, docs[i][1]) for i, first in pending])
+                for i, _ in pending:
                     unfinished[docs[i][2]] -= 1
                 break
             rows = torch.stack([plans[doc_of[s]][chunk_of[s]] for s in active])
@@ -737,11 +743,9 @@ def evaluate(model: GPT, val_tokens: torch.Tensor, table: ByteTable, ecfg: EvalC
     work.eval()
     clock = _EvalClock(device)
     compiled = _eval_compiles(ecfg, device)
-    started = time.perf_counter()
-    deadline = started + tcfg.ttt_deadline_s if tcfg.ttt_deadline_s > 0 and tcfg.ttt_mode != "none" else None
     run = _EvalRun(work, tokens_cpu.to(device), n_targets, ecfg, tcfg,
                    _EvalSink(device, keep_values=dump_path is not None), clock, amp,
-                   log if rank == 0 else (lambda _msg: None), rank, world_size, compiled, started, deadline)
+                   log if rank == 0 else (lambda _msg: None), rank, world_size, compiled, time.perf_counter())
     # Window widths, batch sizes and LoRA chunks vary: one dynamic-shape graph per region and mode.
     # Without duck shaping, a width that happens to equal a LoRA dimension (both symbolic) is not
     # unified with it and then specialized to that value, which recompiled graph after graph.

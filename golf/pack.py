@@ -25,8 +25,8 @@ Notable:
   little-endian dtypes. Every offset, length, shape and dtype is checked against the header and
   the file size before anything is decompressed or allocated; the header is capped at
   `PACK_HEADER_MAX` bytes, stored and decompressed, and the streams' decompressed total at
-  `PACK_RAW_MAX`; decompression is bounded
-  by the raw length in the header, and each stream's sha256 is verified.
+  `PACK_RAW_MAX`; decompression is bounded by the raw length in the header, and each stream's
+  sha256 is verified.
 - `predict_size` counts parameters per class on a meta-device GPT and prices them with
   `PACK_RATIO_TABLE` (compressed bits per parameter measured on Gaussian rows, see there) or
   with ratios measured on a real artifact (`measured_ratios`).

@@ -11,6 +11,7 @@ tables row by row could save, since a per-row clip k gives rows different spread
 """
 
 import argparse
+import math
 import time
 
 import torch
@@ -34,7 +35,7 @@ def row_class_entropy_bytes(q: torch.Tensor, classes: int = ROW_CLASSES) -> floa
     cls = torch.empty(q.size(0), dtype=torch.int64)
     cls[torch.argsort(spread, stable=True)] = torch.arange(q.size(0)) * classes // q.size(0)
     coded = sum(order0_entropy_bytes(q[cls == c]) for c in range(classes) if bool((cls == c).any()))
-    return coded + q.size(0) * torch.log2(torch.tensor(float(classes))).item() / 8
+    return coded + q.size(0) * math.log2(classes) / 8
 
 
 def main() -> None:

@@ -65,11 +65,17 @@ stage_speed() {
   for log in "${logs[@]:1}"; do python3 tools/loss_parity.py "${logs[0]}" "$log" | tail -n 1 | tee -a "$OUT/speed.txt"; done
 }
 
+add_extra_sets() {  # append EXTRA_SETS (space-separated key=value) to the caller's `sets` array
+  local s
+  for s in ${EXTRA_SETS:-}; do sets+=(--set "$s"); done
+}
+
 run_preset() {  # run_preset PRESET VOCAB TOKENIZER EXTRA_SET...
   local preset=$1 vocab=$2 tok=$3; shift 3
   local sets=(--set data_path=$DATA/sp$vocab --set tokenizer_path=$tok --set max_wallclock_seconds=$WALL
               --set out_dir=/tmp/train_$preset)
-  for s in "$@" ${EXTRA_SETS:-}; do sets+=(--set "$s"); done
+  for s in "$@"; do sets+=(--set "$s"); done
+  add_extra_sets
   mkdir -p "$OUT/$preset"
   timeout 560 python3 -m golf run --preset "$preset" "${sets[@]}" --out "$OUT/$preset" 2>&1 \
     | grep --line-buffered -v "^config \|^versions " | tee "$OUT/$preset.log" | grep --line-buffered -v "ttt_sgd chunk"
@@ -185,7 +191,7 @@ stage_parity() {  # 1 GPU (gradient accumulation) vs 2 GPUs, same seed and globa
 
 stage_submit2() {  # make submit NPROC=2: bundle → torchrun train_gpt.py → records folder → stats
   local sets=("${PARITY[@]}" --set tokenizer_path=$PWD/$TOK8)
-  for s in ${EXTRA_SETS:-}; do sets+=(--set "$s"); done
+  add_extra_sets
   timeout ${SUBMIT2_LIMIT:-330} python3 -m golf submit --preset record --seed 42 --name proxy_2gpu --nproc 2 \
     --records-dir "$OUT/records" --work-dir /tmp/work "${sets[@]}" \
     2>&1 | grep --line-buffered -v "ttt_sgd chunk" | tail -25
@@ -194,7 +200,7 @@ stage_submit2() {  # make submit NPROC=2: bundle → torchrun train_gpt.py → r
 
 stage_submit1() {  # make submit on one GPU: the bundled train_gpt.py for WALL s → records folder, artifact
   local sets=(--set data_path=$DATA/sp8192 --set tokenizer_path=$PWD/$TOK8 --set max_wallclock_seconds=$WALL)
-  for s in ${EXTRA_SETS:-}; do sets+=(--set "$s"); done
+  add_extra_sets
   timeout 560 python3 -m golf submit --preset record --seed 42 --name proxy_1gpu --nproc 1 \
     --records-dir "$OUT/records" --work-dir /tmp/work1 "${sets[@]}" 2>&1 | grep --line-buffered -v "ttt_sgd chunk" | tail -30
   cp /tmp/work1/*/seed42/final_model.golf "$OUT/" 2>/dev/null || cp /tmp/work1/*/*/final_model.golf "$OUT/"
