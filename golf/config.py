@@ -131,6 +131,9 @@ class QuantConfig:
     gptq_block_size: int = 128
     gptq_damp: float = 0.01
     gptq_act_order: bool = True
+    # > 0: a step factor per column, (c_j / geometric mean)^(−alpha/2) with c_j GPTQ's weight of
+    # column j's error, stored as one int8 exponent per column; 0 = one step per row
+    gptq_col_alpha: float = 0.0
     attn_bits: int = 6
     mlp_bits: int = 6
     embed_bits: int = 8
@@ -286,6 +289,7 @@ class Config:
         for name in ("clip_k_attn", "clip_k_mlp", "clip_k_embed", "clip_k_other"):
             _check(getattr(q, name) > 0, f"{name} must be > 0")
         _check(q.gptq_block_size >= 1, "gptq_block_size must be >= 1")
+        _check(0.0 <= q.gptq_col_alpha <= 2.0, "gptq_col_alpha must be in [0, 2]")
         _check(q.codec in ("auto", "brotli", "lzma", "zstd"), "codec must be auto|brotli|lzma|zstd")
         _check(q.clip_alloc in ("class", "fisher", "fisher_rows"), "clip_alloc must be class|fisher|fisher_rows")
         _check(q.fisher_seqs >= 1 and q.fisher_k_range >= 1.0, "fisher_seqs must be >= 1, fisher_k_range >= 1")

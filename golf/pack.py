@@ -2,10 +2,11 @@
 
 Layout (all integers little-endian; docs/artifact-format.md has the full schema):
 
-    b"GOLFART1" | u32 format version (2) | u64 header length | brotli(JSON header, utf-8) | streams
+    b"GOLFART1" | u32 format version (3) | u64 header length | brotli(JSON header, utf-8) | streams
 
-Version 1, still read, stored the same JSON header uncompressed (~36 KB for the record model,
-~3.4 KB compressed: the tensor table repeats its keys).
+Version 3 adds an optional per-column step part (`col_exp`) to quantized tensors. Versions 1
+and 2, still read, have none; version 1 stored the JSON header uncompressed (~36 KB for the
+record model, ~3.4 KB compressed: the tensor table repeats its keys).
 
 The header holds the format version, the model config, the tokenizer {sha256, vocab_size}, the
 quant config, a tensor table (name, kind, class, bits, shape, aliases and, per part: dtype,
@@ -15,7 +16,7 @@ transform, raw length, offset and length in the file, sha256 of the raw bytes).
 Notable:
 - One stream per group: q values of each tensor class (embedding, attention, mlp, other), LQER
   factors (lqer), every fp16 scale (scales), fp16 passthrough tensors (passthrough), anything
-  else (raw). fp16 streams are byte-shuffled (low bytes, then high bytes) before compression.
+  else (raw: non-fp16 passthrough tensors, int8 column step exponents). fp16 streams are byte-shuffled (low bytes, then high bytes) before compression.
   int8 q values are stored as they are: offsetting them to uint8 changed brotli/lzma/zstd sizes
   by < 0.1% on SDClip int4–int8 Gaussian and Student-t(5) rows, so no transform.
 - Codecs: brotli (quality 11, lgwin 24), lzma (raw LZMA2, preset 9|EXTREME, dictionary capped
@@ -57,6 +58,7 @@ from torch import Tensor
 from golf.config import GolfError, ModelConfig, QuantConfig
 from golf.model import GPT
 from golf.quant import (
+    COL_EXP_MAX,
     QUANT_CLASSES,
     LqerFactors,
     QuantizedState,
@@ -70,8 +72,8 @@ from golf.quant import (
 )
 
 PACK_MAGIC = b"GOLFART1"
-PACK_VERSION = 2  # what golf writes
-PACK_READS = (1, 2)  # what golf reads: 1 = uncompressed JSON header
+PACK_VERSION = 3  # what golf writes
+PACK_READS = (1, 2, 3)  # what golf reads: 1 = uncompressed JSON header, 3 = column steps allowed
 PACK_PREFIX = struct.Struct("<8sIQ")  # magic, format version, header length
 PACK_HEADER_MAX = 8 << 20  # a real header is tens of KB
 PACK_RAW_MAX = 1 << 30  # decompressed bytes of all streams together
@@ -164,6 +166,8 @@ def _pack_parts(rec: QuantRecord) -> list[tuple[str, Tensor, str]]:
     if rec.kind == "passthrough":
         return [("data", rec.data, "passthrough" if rec.data.dtype == torch.float16 else "raw")]
     parts = [("q", rec.q, rec.klass), ("scale", rec.scale, "scales")]
+    if rec.col_exp is not None:
+        parts.append(("col_exp", rec.col_exp, "raw"))
     if rec.lqer is not None:
         f = rec.lqer
         parts += [("lqer_a", f.a_q, "lqer"), ("lqer_a_scale", f.a_scale, "scales"),
@@ -360,8 +364,8 @@ def _pack_numel(shape: Any, where: str) -> int:
     return n
 
 
-def _pack_expected_parts(entry: dict, where: str) -> dict[str, tuple[list[int], tuple[str, ...]]]:
-    """Part → (shape, allowed dtypes) that a tensor entry must have."""
+def _pack_expected_parts(entry: dict, where: str, version: int) -> dict[str, tuple[list[int], tuple[str, ...]]]:
+    """Part → (shape, allowed dtypes) that a tensor entry of a file of `version` must have."""
     shape = entry["shape"]
     if entry["kind"] == "passthrough":
         return {"data": (shape, tuple(PACK_DTYPES))}
@@ -369,6 +373,8 @@ def _pack_expected_parts(entry: dict, where: str) -> dict[str, tuple[list[int], 
     _pack_require(_pack_is_int(entry.get("bits"), 2) and entry["bits"] <= 8, f"{where}: bits must be 2..8")
     rows, cols = shape
     parts = {"q": ([rows, cols], ("int8",)), "scale": ([rows], ("float16",))}
+    if version >= 3 and any(isinstance(p, dict) and p.get("part") == "col_exp" for p in entry["parts"]):
+        parts["col_exp"] = ([cols], ("int8",))
     if "lqer_bits" in entry:
         _pack_require(_pack_is_int(entry["lqer_bits"], 2) and entry["lqer_bits"] <= 8,
                       f"{where}: lqer_bits must be 2..8")
@@ -439,7 +445,7 @@ def _pack_validate(header: Any, payload_size: int, version: int) -> None:
         _pack_numel(e.get("shape"), where)
         _pack_require(isinstance(e.get("parts"), list) and _pack_is_int(e.get("bits"), 1),
                       f"{where}: parts or bits missing")
-        expected = _pack_expected_parts(e, where)
+        expected = _pack_expected_parts(e, where, version)
         seen = set()
         for p in e["parts"]:
             _pack_require(isinstance(p, dict) and p.get("part") in expected and p["part"] not in seen,
@@ -523,6 +529,11 @@ def unpack_bytes(data: bytes) -> tuple[QuantizedState, dict]:
                     _pack_require(-limit <= lo and hi <= limit, f"tensor {e['name']}.{part}: values "
                                                                 f"outside ±{limit}")
             rec.q, rec.scale, rec.clip_k = parts["q"], parts["scale"], float(e.get("clip_k", 0.0))
+            rec.col_exp = parts.get("col_exp")
+            if rec.col_exp is not None and rec.col_exp.numel():
+                lo, hi = int(rec.col_exp.min()), int(rec.col_exp.max())
+                _pack_require(-COL_EXP_MAX <= lo and hi <= COL_EXP_MAX, f"tensor {e['name']}.col_exp: "
+                                                                        f"exponents outside ±{COL_EXP_MAX}")
             if "lqer_bits" in e:
                 rec.lqer = LqerFactors(e["lqer_bits"], parts["lqer_a"], parts["lqer_a_scale"],
                                        parts["lqer_b"], parts["lqer_b_scale"])

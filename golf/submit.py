@@ -587,6 +587,8 @@ def describe_techniques(cfg: Config) -> list[str]:
                + (f"; per-{'tensor' if q.clip_alloc == 'fisher' else 'row'} k from the Fisher of {q.fisher_seqs} "
                   f"training windows, within ×/÷{q.fisher_k_range:g} of those"
                   if q.clip_alloc != "class" else "")
+               + (f"; a step factor per column from GPTQ's column weights (alpha {q.gptq_col_alpha:g})"
+                  if q.gptq and q.gptq_col_alpha else "")
                + ("; one factor on every k fitted to the cap" if q.fit_mode == "scale" else "")
                + (f"; LQER rank {q.lqer_rank} on {q.lqer_tensors} tensors at int{q.lqer_bits}"
                   if q.lqer_rank else "")

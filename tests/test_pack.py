@@ -24,6 +24,7 @@ from golf.model import GPT
 from golf.pack import (
     PACK_HEADER_MAX,
     PACK_PREFIX,
+    PACK_VERSION,
     PACK_RATIO_K,
     PACK_RATIO_TABLE,
     ArtifactError,
@@ -78,7 +79,16 @@ def quantized():
     return cfg, state, hessians, qs, blob, stats
 
 
-def _reframe(header: dict, payload: bytes, version: int = 2) -> bytes:
+@pytest.fixture(scope="module")
+def col_stepped(quantized):
+    """The same model quantized with a step factor per column."""
+    cfg, state, hessians = quantized[:3]
+    qcfg = dataclasses.replace(cfg.quant, gptq_col_alpha=0.5, lqer_rank=0)
+    qs = quantize_state(state, qcfg, hessians)
+    return cfg, qcfg, qs, pack_bytes(qs, cfg.model, TOKENIZER_META, qcfg)
+
+
+def _reframe(header: dict, payload: bytes, version: int = PACK_VERSION) -> bytes:
     """An artifact with this header: brotli-compressed JSON from version 2 on, plain JSON in 1."""
     h = json.dumps(header).encode()
     h = brotli.compress(h) if version >= 2 else h
@@ -139,6 +149,27 @@ def test_loss_from_artifact_file_equals_in_process_dequantized(quantized, tmp_pa
     assert from_file.lm_head.weight is from_file.tok_emb.weight
 
 
+def test_column_steps_round_trip_and_are_checked(col_stepped):
+    cfg, qcfg, qs, blob = col_stepped
+    back, header = unpack_bytes(blob)
+    stepped = [n for n, rec in qs.records.items() if rec.col_exp is not None]
+    assert stepped and all(qs.stats.method[n] == "gptq" for n in stepped)
+    for name in stepped:
+        assert torch.equal(back.records[name].col_exp, qs.records[name].col_exp)
+    assert all(torch.equal(a, b) for a, b in zip(dequantize_state(qs).values(), dequantize_state(back).values()))
+    entry = next(e for e in header["tensors"] if e["name"] == stepped[0])
+    assert [p["stream"] for p in entry["parts"] if p["part"] == "col_exp"] == ["raw"]
+    _, payload = _split(blob)
+    with pytest.raises(ArtifactError, match="unexpected part"):  # version 2 had no column steps
+        unpack_bytes(_reframe(dict(header, format_version=2), payload, version=2))
+    rec = qs.records[stepped[0]]
+    bad = rec.col_exp.clone()
+    bad[0] = -128
+    bad_qs = dataclasses.replace(qs, records={**qs.records, stepped[0]: dataclasses.replace(rec, col_exp=bad)})
+    with pytest.raises(ArtifactError, match="col_exp: exponents outside"):
+        unpack_bytes(pack_bytes(bad_qs, cfg.model, TOKENIZER_META, qcfg))
+
+
 @pytest.mark.parametrize("codec", ["brotli", "lzma", "zstd"])
 def test_each_codec_round_trips(quantized, codec):
     cfg, _, _, qs, _, _ = quantized
@@ -169,13 +200,13 @@ def test_hostile_or_damaged_artifacts_raise_artifact_error(quantized, tmp_path):
         ("truncated", blob[:-7]),
         ("truncated", blob[:10]),
         ("bad magic", b"NOTGOLF1" + blob[8:]),
-        ("unknown artifact format version 3", _reframe(header, payload, version=3)),
+        ("unknown artifact format version 4", _reframe(header, payload, version=4)),
         ("unexpected bytes", blob + b"\0"),
         ("exceeds", PACK_PREFIX.pack(b"GOLFART1", 1, 1 << 40) + b"{}"),
         ("not valid UTF-8 JSON", PACK_PREFIX.pack(b"GOLFART1", 1, 4) + b"\xff{x}" + payload),
         ("brotli cannot decode", PACK_PREFIX.pack(b"GOLFART1", 2, 4) + b"\xff{x}" + payload),
         ("decompresses to more than", PACK_PREFIX.pack(b"GOLFART1", 2, len(bomb)) + bomb + payload),
-        ("format_version differs", _reframe(header, payload, version=1)),  # a version-2 header
+        ("format_version differs", _reframe(header, payload, version=1)),  # a version-3 header
     ]
     for expected, data in cases:
         with pytest.raises(ArtifactError, match=expected):
@@ -389,7 +420,7 @@ def test_version_1_artifacts_with_a_plain_json_header_still_read(quantized):
 
 def test_header_is_compressed_json_with_the_documented_fields(quantized):
     header, _ = _split(quantized[4])
-    assert struct.unpack_from("<8sI", quantized[4]) == (b"GOLFART1", 2) and header["format_version"] == 2
+    assert struct.unpack_from("<8sI", quantized[4]) == (b"GOLFART1", 3) and header["format_version"] == 3
     top_keys = {"format_version", "model_config", "tokenizer", "quant_config", "tensors", "streams"}
     assert top_keys <= set(header)
     part = header["tensors"][0]["parts"][0]

@@ -12,7 +12,9 @@ from torch import nn
 from golf.config import QuantConfig, tiny
 from golf.model import GPT
 from golf.quant import (
+    COL_EXP_MAX,
     GPTQ_RETRIES,
+    col_step_factors,
     collect_fisher,
     collect_hessians,
     dequantize_state,
@@ -71,6 +73,35 @@ def test_gptq_beats_round_to_nearest_on_correlated_inputs():
         err_rtn = (x @ w.T - x @ (rtn.float() * res.scale[:, None]).T).norm()
         assert err_gptq < 0.8 * err_rtn, (bits, float(err_gptq), float(err_rtn))
         assert int(res.q.abs().max()) <= 2 ** (bits - 1) - 1
+
+
+def _order0_bits(q: torch.Tensor) -> float:
+    counts = torch.unique(q, return_counts=True)[1].double()
+    return float(-(counts * torch.log2(counts / counts.sum())).sum())
+
+
+def test_gptq_column_steps_cut_the_loss_where_column_weights_differ():
+    # Inputs whose scales spread over 30×: GPTQ's column weights c_j spread with them.
+    g = torch.Generator().manual_seed(5)
+    cols = 128
+    spread = torch.exp(torch.linspace(0, 3.4, cols))[torch.randperm(cols, generator=g)]
+    x = torch.randn(4096, cols, generator=g) * spread
+    h = x.T @ x / x.shape[0]
+    w = torch.randn(64, cols, generator=g) * 0.05
+    results = {}
+    for alpha in (0.0, 0.5):
+        res = gptq_quantize(w, h, 6, 12.5, block_size=32, col_alpha=alpha)
+        factors = col_step_factors(res.col_exp) if res.col_exp is not None else torch.ones(cols)
+        e = w - res.q.float() * res.scale[:, None] * factors[None, :]
+        results[alpha] = (float(((e @ h) * e).sum()), _order0_bits(res.q), res.col_exp)
+    (loss0, bits0, none), (loss5, bits5, col_exp) = results[0.0], results[0.5]
+    assert none is None and col_exp.dtype == torch.int8 and col_exp.shape == (cols,)
+    assert int(col_exp.abs().max()) <= COL_EXP_MAX
+    # Busier inputs get finer steps, and the steps' geometric mean stays near the row scale's.
+    order = torch.argsort(h.diagonal())
+    assert float(col_exp[order[:16]].float().mean()) > 0 > float(col_exp[order[-16:]].float().mean())
+    assert abs(float(col_exp.float().mean())) <= 1.0
+    assert loss5 < 0.75 * loss0 and bits5 <= 1.01 * bits0, (loss0, loss5, bits0, bits5)
 
 
 def test_gptq_rank_deficient_hessian_with_dead_column():
