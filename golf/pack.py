@@ -16,9 +16,10 @@ transform, raw length, offset and length in the file, sha256 of the raw bytes).
 Notable:
 - One stream per group: q values of each tensor class (embedding, attention, mlp, other), LQER
   factors (lqer), every fp16 scale (scales), fp16 passthrough tensors (passthrough), anything
-  else (raw: non-fp16 passthrough tensors, int8 column step exponents). fp16 streams are byte-shuffled (low bytes, then high bytes) before compression.
-  int8 q values are stored as they are: offsetting them to uint8 changed brotli/lzma/zstd sizes
-  by < 0.1% on SDClip int4–int8 Gaussian and Student-t(5) rows, so no transform.
+  else (raw: non-fp16 passthrough tensors, int8 column step exponents). fp16 streams are
+  byte-shuffled (low bytes, then high bytes) before compression. int8 q values are stored as
+  they are: offsetting them to uint8 changed brotli/lzma/zstd sizes by < 0.1% on SDClip
+  int4–int8 Gaussian and Student-t(5) rows, so no transform.
 - Codecs: brotli (quality 11, lgwin 24), lzma (raw LZMA2, preset 9|EXTREME, dictionary capped
   at the stream's size: same bytes, far less memory), zstd (level 22). "auto" compresses each
   stream with all three (in threads: the three codecs release the GIL) and keeps the smallest.
@@ -684,7 +685,7 @@ def measured_ratios(qs: QuantizedState, packed_stats: PackStats) -> dict[str, di
         if st.name in QUANT_CLASSES:
             rec = next(r for r in qs.records.values() if r.kind == "quant" and r.klass == st.name)
             out[st.name] = {"bits": rec.bits, "k": rec.clip_k, "bits_per_param": bpv}
-        elif st.name in ("scales", "passthrough"):
+        elif st.name in ("scales", "passthrough", "raw"):
             out[st.name] = {"bits_per_value": bpv}
     return out
 
@@ -757,7 +758,9 @@ def predict_size(model_cfg: ModelConfig | dict, qcfg: QuantConfig, ratios: dict[
     `ratios` from `measured_ratios`, the measured value shifted by the table's difference between
     the measured (bits, k) and the requested one. The header is built exactly as the packer
     would (meta tensors, plus `run_config` when the artifact will embed it, as `golf run` and
-    `golf quantize` do); LQER is priced at lqer_bits per factor value on the largest matrices.
+    `golf quantize` do); LQER is priced at lqer_bits per factor value on the largest matrices;
+    the raw stream (integer tensors, column step exponents when `gptq_col_alpha` > 0) at its
+    measured ratio, else uncompressed.
     """
     state = _pack_meta_state(model_cfg)
     ratios = ratios or {}
@@ -772,6 +775,8 @@ def predict_size(model_cfg: ModelConfig | dict, qcfg: QuantConfig, ratios: dict[
                                         q=torch.empty(t.shape, dtype=torch.int8, **meta),
                                         scale=torch.empty(t.shape[0], dtype=torch.float16, **meta),
                                         aliases=list(aliases), clip_k=k)
+            if qcfg.gptq and qcfg.gptq_col_alpha > 0:
+                records[name].col_exp = torch.empty(t.shape[1], dtype=torch.int8, **meta)
         else:
             dtype = torch.float16 if t.is_floating_point() else t.dtype
             data = torch.empty(t.shape, dtype=dtype, **meta)
@@ -806,10 +811,11 @@ def predict_size(model_cfg: ModelConfig | dict, qcfg: QuantConfig, ratios: dict[
         if values[group]:
             stream_bytes[group] = math.ceil(values[group] * bpv / 8)
             rows_out.append(PredictionRow(group, values[group], bits, 0.0, bpv, stream_bytes[group]))
-    if values["raw"]:  # integer/bool tensors: priced uncompressed
+    if values["raw"]:  # integer/bool tensors and column exponents: as measured, else uncompressed
         raw_bytes = sum(p["length"] for e in table for p in e["parts"] if p["stream"] == "raw")
-        stream_bytes["raw"] = raw_bytes
-        rows_out.append(PredictionRow("raw", values["raw"], 0, 0.0, raw_bytes * 8 / values["raw"], raw_bytes))
+        bpv = ratios.get("raw", {}).get("bits_per_value", raw_bytes * 8 / values["raw"])
+        stream_bytes["raw"] = math.ceil(values["raw"] * bpv / 8)
+        rows_out.append(PredictionRow("raw", values["raw"], 0, 0.0, bpv, stream_bytes["raw"]))
     # The header as the packer writes it, with placeholder digests and the predicted lengths.
     raw_lengths = {name: 0 for name in PACK_STREAMS}
     for e in table:

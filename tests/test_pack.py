@@ -24,9 +24,9 @@ from golf.model import GPT
 from golf.pack import (
     PACK_HEADER_MAX,
     PACK_PREFIX,
-    PACK_VERSION,
     PACK_RATIO_K,
     PACK_RATIO_TABLE,
+    PACK_VERSION,
     ArtifactError,
     artifact_pack_stats,
     measure_ratio,
@@ -80,12 +80,12 @@ def quantized():
 
 
 @pytest.fixture(scope="module")
-def col_stepped(quantized):
-    """The same model quantized with a step factor per column."""
+def row_stepped(quantized):
+    """The same model with one step per row (no column exponents), as versions 1 and 2 stored it."""
     cfg, state, hessians = quantized[:3]
-    qcfg = dataclasses.replace(cfg.quant, gptq_col_alpha=0.5, lqer_rank=0)
+    qcfg = dataclasses.replace(cfg.quant, gptq_col_alpha=0.0)
     qs = quantize_state(state, qcfg, hessians)
-    return cfg, qcfg, qs, pack_bytes(qs, cfg.model, TOKENIZER_META, qcfg)
+    return qs, pack_bytes(qs, cfg.model, TOKENIZER_META, qcfg)
 
 
 def _reframe(header: dict, payload: bytes, version: int = PACK_VERSION) -> bytes:
@@ -111,7 +111,7 @@ def test_pack_unpack_is_bit_exact(quantized):
         kinds.add((rec.kind, rec.klass))
         assert (got.kind, got.klass, got.bits, got.shape, got.aliases) == (rec.kind, rec.klass, rec.bits,
                                                                            rec.shape, rec.aliases)
-        for part in ("q", "scale", "data"):
+        for part in ("q", "scale", "col_exp", "data"):
             a, b = getattr(rec, part), getattr(got, part)
             assert (a is None) == (b is None)
             if a is not None:
@@ -127,7 +127,7 @@ def test_pack_unpack_is_bit_exact(quantized):
     assert header["model_config"] == dataclasses.asdict(cfg.model)
     assert header["quant_config"] == dataclasses.asdict(cfg.quant)
     assert header["tokenizer"] == TOKENIZER_META
-    streams = {"embedding", "attention", "mlp", "lqer", "scales", "passthrough"}
+    streams = {"embedding", "attention", "mlp", "lqer", "scales", "passthrough", "raw"}  # raw: column exponents
     assert {s.name for s in stats.streams} == streams
     assert all(set(s.sizes) == {"brotli", "lzma", "zstd"} and s.length == min(s.sizes.values())
                for s in stats.streams)
@@ -149,8 +149,10 @@ def test_loss_from_artifact_file_equals_in_process_dequantized(quantized, tmp_pa
     assert from_file.lm_head.weight is from_file.tok_emb.weight
 
 
-def test_column_steps_round_trip_and_are_checked(col_stepped):
-    cfg, qcfg, qs, blob = col_stepped
+def test_column_steps_round_trip_and_are_checked(quantized):
+    cfg, _, _, qs, blob, _ = quantized
+    qcfg = cfg.quant
+    assert qcfg.gptq_col_alpha == 0.5  # the tiny preset quantizes as the record preset does
     back, header = unpack_bytes(blob)
     stepped = [n for n, rec in qs.records.items() if rec.col_exp is not None]
     assert stepped and all(qs.stats.method[n] == "gptq" for n in stepped)
@@ -159,6 +161,9 @@ def test_column_steps_round_trip_and_are_checked(col_stepped):
     assert all(torch.equal(a, b) for a, b in zip(dequantize_state(qs).values(), dequantize_state(back).values()))
     entry = next(e for e in header["tensors"] if e["name"] == stepped[0])
     assert [p["stream"] for p in entry["parts"] if p["part"] == "col_exp"] == ["raw"]
+    # Before any artifact, the predictor prices the exponents uncompressed: one byte per column.
+    raw = [r for r in predict_size(cfg.model, qcfg).rows if r.group == "raw"]
+    assert raw and raw[0].bytes == sum(qs.records[n].shape[1] for n in stepped)
     _, payload = _split(blob)
     with pytest.raises(ArtifactError, match="unexpected part"):  # version 2 had no column steps
         unpack_bytes(_reframe(dict(header, format_version=2), payload, version=2))
@@ -407,12 +412,13 @@ def test_cli_budget_and_quantize(tmp_path, tiny_tokenizer):
     assert res.exit_code == 0 and "measured" in res.output
 
 
-def test_version_1_artifacts_with_a_plain_json_header_still_read(quantized):
-    header, payload = _split(quantized[4])
+def test_version_1_artifacts_with_a_plain_json_header_still_read(row_stepped):
+    qs, blob = row_stepped
+    header, payload = _split(blob)
     old = _reframe(dict(header, format_version=1), payload, version=1)
     back, read = unpack_bytes(old)
-    assert read["format_version"] == 1 and len(old) > len(quantized[4])  # the header costs more plain
-    for name, rec in quantized[3].records.items():
+    assert read["format_version"] == 1 and len(old) > len(blob)  # the header costs more plain
+    for name, rec in qs.records.items():
         for part in ("q", "scale", "data"):
             if getattr(rec, part) is not None:
                 assert torch.equal(getattr(back.records[name], part), getattr(rec, part))
