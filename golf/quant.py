@@ -11,8 +11,9 @@ Notable:
   c_j = 1/U_jj² from the Cholesky factor U of H⁻¹ (after act-order). Under a byte budget the
   best step grows as c_j^(−1/2); column j's step is the row scale × 2^(e_j/8), e_j the rounded
   8·log2 of (c_j / geometric mean c)^(−alpha/2), int8 within ±`COL_EXP_MAX`, stored per tensor
-  (one byte per column). alpha 0.5 beat 0 and 1 in a CPU study of GPTQ's loss at equal entropy.
-  The row's SDClip std is taken on the columns divided by their factors.
+  (one byte per column). alpha 0.5 beat 0 and 1 in a CPU study of GPTQ's loss at equal entropy,
+  and took 0.0005 BPB off the quantization gap of two 300 s record models. The row's SDClip std
+  is taken on the columns divided by their factors.
 - GPTQ: dead columns (diag H ≤ 0) are decoupled and simply rounded (their weights are kept, not
   zeroed, in case the input is live on other data); act-order; blocks of `gptq_block_size`
   columns with error propagation through the upper Cholesky factor of H⁻¹. When a Cholesky fails
@@ -57,12 +58,12 @@ from golf.data import TokenLoader, list_shards
 QUANT_CLASSES = ("embedding", "attention", "mlp", "other")
 GPTQ_RETRIES = 4  # damping ×10 per retry: 0.01 → 0.1 → 1 → 10 → 100 (× mean diag H)
 GPTQ_RETRY_MIN_DAMP = 1e-3  # a configured damping of 0 cannot be multiplied up
+COL_EXP_MAX = 24  # column step factors 2^(e/8) stay within ×/÷8
 FP16_MAX = 65504.0
 FIT_K_STEP = 1.0  # clip k increase per fitter rung (attention, MLP, other)
 FIT_K_STEPS = 4
 FIT_SCALE_RANGE = (-1.0, 2.0)  # the scale fitter's log2 range for every k: ×0.5 … ×4
 FIT_SCALE_TOLERANCE = 0.002  # the scale fitter stops within this fraction below the target
-COL_EXP_MAX = 24  # column step factors 2^(e/8) stay within ×/÷8
 FIT_SCALE_ITERS = 8
 FIT_BIT_FLOORS = (("mlp_bits", 4, "MLP", "clip_k_mlp"), ("attn_bits", 4, "attention", "clip_k_attn"),
                   ("other_bits", 4, "other", "clip_k_other"), ("embed_bits", 6, "embedding", "clip_k_embed"))
@@ -384,7 +385,7 @@ def sdclip_scale(w: Tensor, bits: int, k: float | Tensor) -> Tensor:
 
 
 def col_step_factors(col_exp: Tensor) -> Tensor:
-    """fp32 column step factors 2^(e/8) of stored exponents (exact powers of two's roots)."""
+    """fp32 column step factors 2^(e/8) of stored int8 exponents e."""
     return torch.exp2(col_exp.float() / 8)
 
 
