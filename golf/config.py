@@ -391,11 +391,10 @@ def record() -> Config:
     # cap. At the same size on a 300 s record model, per row (×/÷1.5) paid +0.0077 BPB, against
     # +0.0089 for a k per tensor and +0.0116 for class k; ×/÷2.5 paid +0.0051 on a 240 s model and
     # +0.0063 to +0.0077 on two 300 s ones, where ×/÷4 paid +0.0102. A step factor per column
-    # (alpha 0.5) took 0.0005 off on each of two more 300 s models: +0.0071 → +0.0066 and +0.0072 →
-    # +0.0067; alpha 0.3 and 0.7 gained less (docs/benchmarks.md)
+    # (gptq_col_alpha 0.5) moved it by −0.0005, −0.0005 and +0.0005 on three more 300 s models:
+    # no more than a variant's rounding moves it on one model, so it stays off (docs/benchmarks.md)
     cfg.quant = QuantConfig(attn_bits=6, mlp_bits=6, embed_bits=8, clip_k_attn=12.5, clip_k_mlp=11.5,
-                            clip_k_embed=16.0, clip_alloc="fisher_rows", fisher_k_range=2.5, fit_mode="scale",
-                            gptq_col_alpha=0.5)
+                            clip_k_embed=16.0, clip_alloc="fisher_rows", fisher_k_range=2.5, fit_mode="scale")
     # Per-document LoRA TTT with 3 phases of global SGD (the records from #1530 on): -0.144 BPB
     # against sliding windows on the proxy, where chunked SGD gained -0.057; ≈ 476 s on 8 GPUs
     # extrapolated for the full validation set, so the sliding diagnostic (≈ 200 s) is skipped and

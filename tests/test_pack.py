@@ -80,12 +80,12 @@ def quantized():
 
 
 @pytest.fixture(scope="module")
-def row_stepped(quantized):
-    """The same model with one step per row (no column exponents), as versions 1 and 2 stored it."""
+def col_stepped(quantized):
+    """The same model quantized with a step factor per column (`gptq_col_alpha`, opt-in)."""
     cfg, state, hessians = quantized[:3]
-    qcfg = dataclasses.replace(cfg.quant, gptq_col_alpha=0.0)
+    qcfg = dataclasses.replace(cfg.quant, gptq_col_alpha=0.5, lqer_rank=0)
     qs = quantize_state(state, qcfg, hessians)
-    return qs, pack_bytes(qs, cfg.model, TOKENIZER_META, qcfg)
+    return cfg, qcfg, qs, pack_bytes(qs, cfg.model, TOKENIZER_META, qcfg)
 
 
 def _reframe(header: dict, payload: bytes, version: int = PACK_VERSION) -> bytes:
@@ -127,7 +127,7 @@ def test_pack_unpack_is_bit_exact(quantized):
     assert header["model_config"] == dataclasses.asdict(cfg.model)
     assert header["quant_config"] == dataclasses.asdict(cfg.quant)
     assert header["tokenizer"] == TOKENIZER_META
-    streams = {"embedding", "attention", "mlp", "lqer", "scales", "passthrough", "raw"}  # raw: column exponents
+    streams = {"embedding", "attention", "mlp", "lqer", "scales", "passthrough"}
     assert {s.name for s in stats.streams} == streams
     assert all(set(s.sizes) == {"brotli", "lzma", "zstd"} and s.length == min(s.sizes.values())
                for s in stats.streams)
@@ -149,10 +149,8 @@ def test_loss_from_artifact_file_equals_in_process_dequantized(quantized, tmp_pa
     assert from_file.lm_head.weight is from_file.tok_emb.weight
 
 
-def test_column_steps_round_trip_and_are_checked(quantized):
-    cfg, _, _, qs, blob, _ = quantized
-    qcfg = cfg.quant
-    assert qcfg.gptq_col_alpha == 0.5  # the tiny preset quantizes as the record preset does
+def test_column_steps_round_trip_and_are_checked(col_stepped):
+    cfg, qcfg, qs, blob = col_stepped
     back, header = unpack_bytes(blob)
     stepped = [n for n, rec in qs.records.items() if rec.col_exp is not None]
     assert stepped and all(qs.stats.method[n] == "gptq" for n in stepped)
@@ -412,8 +410,8 @@ def test_cli_budget_and_quantize(tmp_path, tiny_tokenizer):
     assert res.exit_code == 0 and "measured" in res.output
 
 
-def test_version_1_artifacts_with_a_plain_json_header_still_read(row_stepped):
-    qs, blob = row_stepped
+def test_version_1_artifacts_with_a_plain_json_header_still_read(quantized):
+    qs, blob = quantized[3], quantized[4]
     header, payload = _split(blob)
     old = _reframe(dict(header, format_version=1), payload, version=1)
     back, read = unpack_bytes(old)

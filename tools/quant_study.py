@@ -42,11 +42,12 @@ from golf.quant import (
 # a 240 s model, per row within ×/÷2.5 +0.0051 and with the Fisher of 128 windows +0.0050
 # (docs/benchmarks.md). Session 6, on two 300 s models: per row ×/÷2.5 +0.0077 and +0.0063, ×/÷4
 # +0.0102 (the embedding's share doubling), and a narrower clamp for the embedding alone lost on the
-# second model. Session 8, on two more 300 s models: a step factor per column at alpha 0.5 −0.0005
-# each time (the record preset's now), 0.3 +0.0004 and 0.7 −0.0004. The defaults are the preset
-# next to one step per row and the larger alpha. Three fitted variants without the class split
-# fit in one 600 s device call next to 300 s of training.
-DEFAULT_VARIANTS = ["preset=fit", "nocol=gptq_col_alpha:0,fit", "col0.7=gptq_col_alpha:0.7,fit"]
+# second model. Session 8, on three more 300 s models: a step factor per column at alpha 0.5
+# −0.0005, −0.0005 and +0.0005, 0.3 +0.0004, 0.7 −0.0004, GPTQ damping 0.003 +0.0004: all within
+# the ±0.0005 that a variant's rounding moves the gap of one model. The defaults are the preset
+# next to two column-step alphas. Three fitted variants without the class split fit in one 600 s
+# device call next to 300 s of training.
+DEFAULT_VARIANTS = ["preset=fit", "col0.5=gptq_col_alpha:0.5,fit", "col0.7=gptq_col_alpha:0.7,fit"]
 
 
 def parse_variant(spec: str) -> tuple[str, dict[str, str], bool]:
