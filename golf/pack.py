@@ -522,19 +522,16 @@ def unpack_bytes(data: bytes) -> tuple[QuantizedState, dict]:
         if e["kind"] == "passthrough":
             rec.data = parts["data"]
         else:
-            qmax = 2 ** (e["bits"] - 1) - 1
-            for part in ("q", "lqer_a", "lqer_b"):
+            limits = {"q": 2 ** (e["bits"] - 1) - 1, "col_exp": COL_EXP_MAX}
+            if "lqer_bits" in e:
+                limits["lqer_a"] = limits["lqer_b"] = 2 ** (e["lqer_bits"] - 1) - 1
+            for part, limit in limits.items():
                 if part in parts and parts[part].numel():
-                    limit = qmax if part == "q" else 2 ** (e["lqer_bits"] - 1) - 1
                     lo, hi = int(parts[part].min()), int(parts[part].max())  # not abs(): int8 −128
                     _pack_require(-limit <= lo and hi <= limit, f"tensor {e['name']}.{part}: values "
                                                                 f"outside ±{limit}")
             rec.q, rec.scale, rec.clip_k = parts["q"], parts["scale"], float(e.get("clip_k", 0.0))
             rec.col_exp = parts.get("col_exp")
-            if rec.col_exp is not None and rec.col_exp.numel():
-                lo, hi = int(rec.col_exp.min()), int(rec.col_exp.max())
-                _pack_require(-COL_EXP_MAX <= lo and hi <= COL_EXP_MAX, f"tensor {e['name']}.col_exp: "
-                                                                        f"exponents outside ±{COL_EXP_MAX}")
             if "lqer_bits" in e:
                 rec.lqer = LqerFactors(e["lqer_bits"], parts["lqer_a"], parts["lqer_a_scale"],
                                        parts["lqer_b"], parts["lqer_b_scale"])
