@@ -110,6 +110,10 @@ class TrainConfig:
     adam_eps: float = 1e-8
     grad_clip_norm: float = 0.0  # 0 = off
     ema_decay: float = 0.0  # 0 = off; export uses the EMA weights when on
+    # > 0: from this fraction of progress on, the forward sees every weight GPTQ will quantize
+    # rounded to its class's SDClip grid, with a straight-through gradient (late QAT)
+    qat_start_frac: float = 0.0
+    qat_k_scale: float = 1.26  # × the class clip k: about where the scale fitter lands on 300 s record models
     train_log_every: int = 50
     compile: bool = True
     profile_step: int = 0  # > 0: profile this timed step on rank 0 and log its top CUDA kernels
@@ -158,6 +162,18 @@ class QuantConfig:
     fit_mode: str = "ladder"  # ladder: clip k +1 steps, then bits | scale: one k factor searched to the target
     size_cap_bytes: int = 16_000_000
     size_margin_bytes: int = 2_000
+
+    def quantizes(self, t) -> bool:
+        """Whether golf.quant rounds tensor t (a float matrix of more than passthrough_max_numel
+        values); everything else is stored as it is."""
+        return t.is_floating_point() and t.dim() == 2 and t.numel() > self.passthrough_max_numel
+
+    def class_bits_k(self, klass: str) -> tuple[int, float]:
+        """(bits, clip k) of a tensor class: embedding | attention | mlp | other."""
+        return {"embedding": (self.embed_bits, self.clip_k_embed),
+                "attention": (self.attn_bits, self.clip_k_attn),
+                "mlp": (self.mlp_bits, self.clip_k_mlp),
+                "other": (self.other_bits, self.clip_k_other)}[klass]
 
 
 @dataclass
@@ -280,6 +296,8 @@ class Config:
         _check(0.0 <= t.warmdown_frac <= 1.0, "warmdown_frac must be in [0, 1]")
         _check(0.0 <= t.lr_floor <= 1.0, "lr_floor must be in [0, 1]")
         _check(0.0 <= t.ema_decay < 1.0, "ema_decay must be in [0, 1)")
+        _check(0.0 <= t.qat_start_frac <= 1.0 and t.qat_k_scale > 0,
+               "qat_start_frac must be in [0, 1] and qat_k_scale > 0")
         _check(t.muon_coeffs in ("classic", "polar"), "muon_coeffs must be classic or polar")
         _check(t.compile_scope in ("blocks", "model"), "compile_scope must be blocks or model")
         _check(t.compile_mode in COMPILE_MODES, f"compile_mode must be {'|'.join(COMPILE_MODES)}")

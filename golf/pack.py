@@ -57,17 +57,14 @@ import zstandard
 from torch import Tensor
 
 from golf.config import GolfError, ModelConfig, QuantConfig
-from golf.model import GPT
+from golf.model import GPT, quant_class
 from golf.quant import (
     COL_EXP_MAX,
     QUANT_CLASSES,
     LqerFactors,
     QuantizedState,
     QuantRecord,
-    class_bits_k,
-    is_quantized_tensor,
     quant_alias_groups,
-    quant_class,
     rtn_quantize,
     sdclip_scale,
 )
@@ -766,8 +763,8 @@ def predict_size(model_cfg: ModelConfig | dict, qcfg: QuantConfig, ratios: dict[
         t = state[name]
         klass = quant_class(name)
         meta = dict(device="meta")
-        if is_quantized_tensor(t, qcfg):
-            bits, k = class_bits_k(qcfg, klass)
+        if qcfg.quantizes(t):
+            bits, k = qcfg.class_bits_k(klass)
             records[name] = QuantRecord(name, "quant", klass, bits, tuple(t.shape),
                                         q=torch.empty(t.shape, dtype=torch.int8, **meta),
                                         scale=torch.empty(t.shape[0], dtype=torch.float16, **meta),
@@ -794,7 +791,7 @@ def predict_size(model_cfg: ModelConfig | dict, qcfg: QuantConfig, ratios: dict[
     for klass in QUANT_CLASSES:
         if not values[klass]:
             continue
-        bits, k = class_bits_k(qcfg, klass)
+        bits, k = qcfg.class_bits_k(klass)
         bpp = table_bits_per_param(bits, k)
         if klass in ratios:
             m = ratios[klass]

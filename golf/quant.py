@@ -54,6 +54,7 @@ from torch import Tensor, nn
 
 from golf.config import Config, GolfError, ModelConfig, QuantConfig
 from golf.data import TokenLoader, list_shards
+from golf.model import quant_class
 
 QUANT_CLASSES = ("embedding", "attention", "mlp", "other")
 GPTQ_RETRIES = 4  # damping ×10 per retry: 0.01 → 0.1 → 1 → 10 → 100 (× mean diag H)
@@ -153,27 +154,6 @@ class QuantizedState:
 
 
 # ----------------------------------------------------------------------------- classification
-
-
-def quant_class(name: str) -> str:
-    if ".attn." in name:
-        return "attention"
-    if ".mlp." in name:
-        return "mlp"
-    if name.startswith(("tok_emb", "lm_head")) or ".tok_emb" in name or ".lm_head" in name:
-        return "embedding"
-    return "other"
-
-
-def class_bits_k(qcfg: QuantConfig, klass: str) -> tuple[int, float]:
-    return {"embedding": (qcfg.embed_bits, qcfg.clip_k_embed),
-            "attention": (qcfg.attn_bits, qcfg.clip_k_attn),
-            "mlp": (qcfg.mlp_bits, qcfg.clip_k_mlp),
-            "other": (qcfg.other_bits, qcfg.clip_k_other)}[klass]
-
-
-def is_quantized_tensor(t: Tensor, qcfg: QuantConfig) -> bool:
-    return t.is_floating_point() and t.dim() == 2 and t.numel() > qcfg.passthrough_max_numel
 
 
 def quant_alias_groups(state: dict[str, Tensor]) -> dict[str, list[str]]:
@@ -340,9 +320,9 @@ def fisher_clip_k(state: dict[str, Tensor], fisher: dict[str, Tensor],
     for name, aliases in quant_alias_groups(state).items():
         t = state[name]
         f = next((fisher[n] for n in (name, *aliases) if n in fisher), None)
-        if f is None or not is_quantized_tensor(t, qcfg):
+        if f is None or not qcfg.quantizes(t):
             continue
-        bits, k = class_bits_k(qcfg, quant_class(name))
+        bits, k = qcfg.class_bits_k(quant_class(name))
         rows = f.float().cpu() * t.detach().float().cpu().var(dim=1, unbiased=False)  # F_r·std_r²
         if per_row:  # a row with no sensitivity gets the coarsest k the clamp allows
             log_k[name] = math.log(2 ** (bits - 1) - 1) - 0.5 * rows.clamp_min(1e-30).log()
@@ -556,10 +536,10 @@ def quantize_state(model_or_state_dict: nn.Module | dict[str, Tensor], qcfg: Qua
     for name, aliases in quant_alias_groups(state).items():
         t = state[name]
         klass = quant_class(name)
-        if not is_quantized_tensor(t, qcfg):
+        if not qcfg.quantizes(t):
             records[name] = _quant_passthrough(name, t, klass, aliases)
             continue
-        bits, k = class_bits_k(qcfg, klass)
+        bits, k = qcfg.class_bits_k(klass)
         k = (clip_k or {}).get(name, k)
         k_key = k if isinstance(k, float) else k.numpy().tobytes()  # a per-row k keys by its values
         h = next((hessians[n] for n in (name, *aliases) if n in hessians), None) if qcfg.gptq else None
@@ -706,8 +686,8 @@ def _fit_scale(state_dict: dict[str, Tensor], qcfg: QuantConfig, allocated: dict
     """The "scale" search of `fit_to_budget`: every k × 2^s; None when even the largest s is over."""
     base = {}
     for name in quant_alias_groups(state_dict):
-        if is_quantized_tensor(state_dict[name], qcfg):
-            base[name] = allocated.get(name, class_bits_k(qcfg, quant_class(name))[1])
+        if qcfg.quantizes(state_dict[name]):
+            base[name] = allocated.get(name, qcfg.class_bits_k(quant_class(name))[1])
     values = sum(state_dict[n].numel() for n in base)
     lo, hi = FIT_SCALE_RANGE
     tolerance = int(target * FIT_SCALE_TOLERANCE)

@@ -11,6 +11,8 @@ Notable:
 - NaN/inf loss stops the run (the last checkpoint is kept); SIGTERM writes a checkpoint that
   `resume=True` continues bit-for-bit on CPU.
 - EMA of the weights (decay `ema_decay`, warmed up as (1+t)/(10+t)) is what gets exported.
+- Late QAT (`qat_start_frac` > 0): from that progress on, the forward rounds each weight GPTQ will
+  quantize to its class's SDClip grid at the class k × `qat_k_scale`; the export is the float EMA.
 """
 
 from __future__ import annotations
@@ -180,8 +182,11 @@ def train(cfg: Config, info: DistInfo | None = None, log: Callable[[str], None] 
             "loader": loader.state_dict(),
         }
         looped = cfg.model.num_loops > 1
+        qat = t.qat_start_frac > 0
         for i in range(t.warmup_steps):
             model.set_looping(looped and i >= t.warmup_steps // 2)  # both layer orders
+            # QAT starts late, when looping is on: its graphs are compiled in the last step
+            model.set_qat(cfg.quant if qat and i == t.warmup_steps - 1 else None, t.qat_k_scale)
             train_step(0.0, 0)
         if use_cuda:
             torch.cuda.synchronize()
@@ -192,6 +197,7 @@ def train(cfg: Config, info: DistInfo | None = None, log: Callable[[str], None] 
         if ema is not None:
             ema = [p.detach().float().clone() for p in params]
         model.set_looping(False)
+        model.set_qat(None)
     phases["compile_warmup"] = time.perf_counter() - t_warm
 
     # ------------------------------------------------------------------ resume
@@ -244,6 +250,9 @@ def train(cfg: Config, info: DistInfo | None = None, log: Callable[[str], None] 
                 model.set_looping(True)
                 flops_per_token = model.flops_per_token(t.train_seq_len)
                 log(f"step:{step} depth recurrence on: layer order {model.layer_order()}")
+            if t.qat_start_frac > 0 and not model.qat_on and progress >= t.qat_start_frac:
+                model.set_qat(cfg.quant, t.qat_k_scale)
+                log(f"step:{step} QAT on: weights rounded to their SDClip grid at class k x {t.qat_k_scale}")
             profiling = step + 1 == t.profile_step and info.is_main and use_cuda
             activities = [ProfilerActivity.CPU, ProfilerActivity.CUDA]
             with profile(activities=activities) if profiling else nullcontext() as prof:
@@ -283,6 +292,7 @@ def train(cfg: Config, info: DistInfo | None = None, log: Callable[[str], None] 
 
     # ------------------------------------------------------------------ export weights
     model.compile_blocks(False)  # what follows (GPTQ, LoRA) hooks modules
+    model.set_qat(None)  # evaluation and GPTQ see the float weights
     if ema is not None:
         with torch.no_grad():
             for p, e in zip(params, ema):

@@ -51,6 +51,45 @@ def test_recurrence_switches_on_by_wallclock(tiny_data, tiny_tokenizer, tmp_path
     assert len(switch) == 1 and switch[0].startswith("step:5 ")
 
 
+def _val_loss(model, cfg, state=None) -> float:
+    """Mean loss on the tiny validation tokens, optionally with `state` loaded over the weights."""
+    import copy
+
+    from golf.data import list_shards, load_val_tokens
+
+    model = copy.deepcopy(model)
+    if state is not None:
+        model.load_state_dict(state)
+    seq = cfg.train.train_seq_len
+    tokens = load_val_tokens(list_shards(cfg.data.data_path, cfg.data.val_files), 0).long()
+    n = (tokens.numel() - 1) // seq * seq
+    with torch.no_grad():
+        return model.loss(tokens[:n].view(-1, seq), tokens[1:n + 1].view(-1, seq)).item()
+
+
+def test_late_qat_switches_on_at_its_fraction_and_lowers_the_rounded_models_loss(tiny_data, tiny_tokenizer,
+                                                                                 tmp_path):
+    import dataclasses
+
+    from golf.quant import dequantize_state, quantize_state
+
+    rounded = {}
+    for frac in (0.0, 0.5):
+        logs = []
+        # int4, where rounding the float model costs over a nat on these models
+        cfg = tiny_config(tiny_data, tiny_tokenizer, tmp_path / str(frac), iterations=40, max_wallclock_seconds=0,
+                          qat_start_frac=frac, qat_k_scale=1.0, attn_bits=4, mlp_bits=4, embed_bits=4)
+        result = train(cfg, log=logs.append)
+        switch = [line for line in logs if "QAT on" in line]
+        assert len(switch) == (1 if frac else 0) and (not frac or switch[0].startswith("step:20 "))
+        assert not result.model.qat_on  # the export is the float EMA
+        # round to nearest on the class grid QAT trained with
+        qcfg = dataclasses.replace(cfg.quant, gptq=False, clip_alloc="class")
+        state = dequantize_state(quantize_state(result.model, qcfg))
+        rounded[frac] = _val_loss(result.model, cfg, state)
+    assert rounded[0.5] < rounded[0.0] - 0.5, rounded
+
+
 def test_sigterm_checkpoint_then_resume_matches_uninterrupted(tiny_data, tiny_tokenizer, tmp_path):
     full = _run(tiny_data, tiny_tokenizer, tmp_path / "full", iterations=8, max_wallclock_seconds=0)
 

@@ -96,9 +96,11 @@ stage_profile() {  # one record step under the profiler: the top CUDA kernels (P
   head -45 "$OUT/profile.txt"
 }
 stage_record() { run_preset record 8192 $TOK8; }
-stage_quantstudy() {  # one record model (QS_WALL s), quantized several ways: bytes and BPB gap side by side
+stage_quantstudy() {  # one record model (QS_WALL s, QS_TRAIN_SETS "key=value ..."), quantized several ways
+  local sets=(); for kv in ${QS_TRAIN_SETS:-}; do sets+=(--set "$kv"); done
   timeout 400 python3 -m golf train --preset record --set data_path=$DATA/sp8192 --set tokenizer_path=$TOK8 \
-    --set max_wallclock_seconds=${QS_WALL:-240} --set out_dir=/tmp/qs_run 2>&1 | grep --line-buffered -E "^step:|stopped|model:" | tail -4
+    --set max_wallclock_seconds=${QS_WALL:-240} --set out_dir=/tmp/qs_run "${sets[@]}" > "$OUT/qs_train.log" 2>&1
+  grep -E "model:|QAT on" "$OUT/qs_train.log"; grep -E "^step:|stopped" "$OUT/qs_train.log" | tail -3
   local variants=(); for v in ${QS_VARIANTS:-}; do variants+=(--variant "$v"); done  # none = the tool's defaults
   timeout 330 python3 tools/quant_study.py /tmp/qs_run "${variants[@]}" ${QS_ARGS:-} 2>&1 | grep --line-buffered -v Warning | tee "$OUT/quant_study.txt"
 }

@@ -23,7 +23,7 @@ import torch
 from golf.config import load_config
 from golf.data import byte_table, file_sha256, list_shards, load_tokenizer, load_val_tokens
 from golf.eval import evaluate
-from golf.model import GPT
+from golf.model import GPT, quant_class
 from golf.pack import pack_bytes
 from golf.quant import (
     calibration_batches,
@@ -32,7 +32,6 @@ from golf.quant import (
     dequantize_state,
     fisher_clip_k,
     fit_to_budget,
-    quant_class,
     quant_k_summary,
     quantize_state,
 )
