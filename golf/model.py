@@ -15,8 +15,6 @@ Notable:
   The skip parameters are sized for the longest (looped) sequence; shorter orders use a prefix.
 - BOS (id 1) starts a document: SmearGate is masked there and the BigramHash treats a BOS like
   position 0, so nothing of a previous document reaches a document's first position.
-- Late QAT (`set_qat`): every weight golf.quant will round is rounded in the forward to its
-  class's SDClip grid, and the gradient passes straight through to the fp32 weight.
 - Attention backend: FlashAttention 3, then 2, then torch SDPA (`attn_backend` forces one);
   CPU tensors always take SDPA. XSA and the output gate run on the [B, T, H, D] output, no
   loops over heads.
@@ -33,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from golf.config import ATTN_BACKENDS, ConfigError, GolfError, ModelConfig, QuantConfig
+from golf.config import ATTN_BACKENDS, ConfigError, GolfError, ModelConfig
 from golf.data import BOS_ID
 from golf.kernels.softcap_ce import softcap_cross_entropy
 
@@ -65,49 +63,24 @@ def quant_class(name: str) -> str:
     return "other"
 
 
-def fake_quantize(w: Tensor, bits: int, k: float) -> Tensor:
-    """w rounded per row to the SDClip grid golf.quant stores (step k·std(row)/q_max, at most q_max
-    steps from 0), with the gradient passed straight through to w."""
-    qmax = 2 ** (bits - 1) - 1
-    frozen = w.detach()
-    step = (k / qmax) * frozen.float().std(dim=1, keepdim=True, unbiased=False).clamp_min(1e-12)
-    rounded = torch.clamp(torch.round(frozen / step), -qmax, qmax) * step
-    return w + (rounded.to(w.dtype) - frozen)
-
-
 class CastedLinear(nn.Linear):
     """Bias-free linear with fp32 master weights cast to the input dtype (bf16 under autocast).
 
     `lora`, when set (LoRA TTT), holds per-batch-row adapters (A [B, in, r], B [B, r, out]) added
-    as x·A·B; `qat`, when set, the (bits, clip k) its weight is fake-quantized with. Both are plain
-    attributes, neither parameters nor in the state dict."""
+    as x·A·B; a plain attribute, so it is neither a parameter nor in the state dict."""
 
     def __init__(self, in_features: int, out_features: int, zero_init: bool = False):
         super().__init__(in_features, out_features, bias=False)
         if zero_init:  # output projections start at zero, as in the official baseline
             nn.init.zeros_(self.weight)
         self.lora: tuple[Tensor, Tensor] | None = None
-        self.qat: tuple[int, float] | None = None
 
     def forward(self, x: Tensor) -> Tensor:
-        w = self.weight if self.qat is None else fake_quantize(self.weight, *self.qat)
-        y = F.linear(x, w.to(x.dtype))
+        y = F.linear(x, self.weight.to(x.dtype))
         if self.lora is not None:
             a, b = self.lora
             y = y + torch.bmm(torch.bmm(x, a.to(x.dtype)), b.to(x.dtype)).to(y.dtype)
         return y
-
-
-class CastedEmbedding(nn.Embedding):
-    """Embedding lookup that can fake-quantize its table like `CastedLinear` (`qat`)."""
-
-    def __init__(self, num_embeddings: int, embedding_dim: int):
-        super().__init__(num_embeddings, embedding_dim)
-        self.qat: tuple[int, float] | None = None
-
-    def forward(self, ids: Tensor) -> Tensor:
-        w = self.weight if self.qat is None else fake_quantize(self.weight, *self.qat)
-        return F.embedding(ids, w)
 
 
 def resolve_attn_backend(choice: str) -> str:
@@ -315,7 +288,7 @@ class BigramHash(nn.Module):
     def __init__(self, buckets: int, bigram_dim: int, model_dim: int):
         super().__init__()
         self.buckets = buckets
-        self.embed = CastedEmbedding(buckets, bigram_dim)
+        self.embed = nn.Embedding(buckets, bigram_dim)
         # Small random table with a zero projection: the sum starts at 0 but both still get
         # gradients (a zero table with a zero projection is a fixed point that never trains).
         nn.init.normal_(self.embed.weight, std=0.02)
@@ -350,7 +323,7 @@ class GPT(nn.Module):
         self.cfg = cfg
         d, vocab = cfg.model_dim, cfg.vocab_size
         self.attn_backend_name = resolve_attn_backend(cfg.attn_backend)
-        self.tok_emb = CastedEmbedding(vocab, d)
+        self.tok_emb = nn.Embedding(vocab, d)
         self.bigram = BigramHash(cfg.bigram_buckets, cfg.bigram_dim, d) if cfg.bigram_buckets > 0 else None
         if cfg.smear_gate:  # x_t += λ·σ(W·x_t[:12])·x_{t-1}; W = 0 and λ = 0: off at init
             self.smear_gate = nn.Parameter(torch.zeros(1, min(GATE_INPUT_DIMS, d)))
@@ -370,7 +343,6 @@ class GPT(nn.Module):
         else:  # the official baseline: untied head starts at zero, embedding keeps N(0, 1)
             nn.init.zeros_(self.lm_head.weight)
         self.compile_blocks(False)
-        self.qat_on = False
 
     # ------------------------------------------------------------------ regional compilation
 
@@ -417,21 +389,6 @@ class GPT(nn.Module):
 
     def layer_order(self) -> list[int]:
         return list(self._order)
-
-    # ------------------------------------------------------------------ late QAT
-
-    def set_qat(self, qcfg: QuantConfig | None, k_scale: float = 1.0) -> None:
-        """Fake-quantize every weight `qcfg` quantizes at its class's bits and clip k × `k_scale`
-        (the scale fitter's usual factor); None switches it off. A compiled block keeps one graph
-        per setting."""
-        self.qat_on = qcfg is not None
-        for name, module in self.named_modules():
-            if isinstance(module, (CastedLinear, CastedEmbedding)):
-                spec = None
-                if qcfg is not None and qcfg.quantizes(module.weight):
-                    bits, k = qcfg.class_bits_k(quant_class(f"{name}.weight"))
-                    spec = (bits, k * k_scale)
-                module.qat = spec
 
     # ------------------------------------------------------------------ forward
 

@@ -11,8 +11,10 @@ Notable:
 - NaN/inf loss stops the run (the last checkpoint is kept); SIGTERM writes a checkpoint that
   `resume=True` continues bit-for-bit on CPU.
 - EMA of the weights (decay `ema_decay`, warmed up as (1+t)/(10+t)) is what gets exported.
-- Late QAT (`qat_start_frac` > 0): from that progress on, the forward rounds each weight GPTQ will
-  quantize to its class's SDClip grid at the class k × `qat_k_scale`; the export is the float EMA.
+- Late QAT (`qat_start_frac` > 0): from that progress on, each step's forward and backward run on
+  the weights GPTQ will quantize rounded to their class's SDClip grid (class k × `qat_k_scale`),
+  and the optimizer applies those gradients to the float weights (straight-through). Swapping
+  the values in once per step changes no compiled graph. The export is the float EMA.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ import math
 import os
 import signal
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -31,10 +33,10 @@ import torch
 import torch.distributed as dist
 from torch.profiler import ProfilerActivity, profile, record_function
 
-from golf.config import Config, ConfigError, GolfError
+from golf.config import Config, ConfigError, GolfError, QuantConfig
 from golf.data import TokenLoader, list_shards
 from golf.dist import DistInfo, init_distributed
-from golf.model import GPT
+from golf.model import GPT, quant_class
 from golf.optim import all_reduce_grads, build_optimizers, lr_multiplier, muon_momentum_at
 
 PROCESS_START = time.perf_counter()
@@ -70,6 +72,43 @@ def micro_batch_plan(cfg: Config, world_size: int) -> tuple[int, int]:
     while seqs_rank % accum:  # the smallest accumulation >= the wanted one that divides evenly
         accum += 1
     return accum, seqs_rank // accum
+
+
+def sdclip_round(w: torch.Tensor, bits: int, k: float) -> torch.Tensor:
+    """w rounded per row to the grid golf.quant stores: step k·std(row)/q_max, at most q_max steps
+    from 0 (golf.quant also rounds the step to fp16)."""
+    qmax = 2 ** (bits - 1) - 1
+    step = (k / qmax) * w.float().std(dim=1, keepdim=True, unbiased=False).clamp_min(1e-12)
+    return (torch.clamp(torch.round(w / step), -qmax, qmax) * step).to(w.dtype)
+
+
+def qat_targets(model: GPT, qcfg: QuantConfig, k_scale: float) -> list[tuple[torch.Tensor, int, float]]:
+    """(weight, bits, clip k × k_scale) of every parameter golf.quant rounds; a tied weight once."""
+    targets = []
+    for name, p in model.named_parameters():
+        if qcfg.quantizes(p):
+            bits, k = qcfg.class_bits_k(quant_class(name))
+            targets.append((p, bits, k * k_scale))
+    return targets
+
+
+@contextmanager
+def weights_rounded(targets: list[tuple[torch.Tensor, int, float]]):
+    """Inside, each target weight holds its SDClip-rounded values, so gradients are taken there;
+    the float values come back on exit, bit for bit (straight-through QAT)."""
+    if not targets:
+        yield
+        return
+    with torch.no_grad():
+        saved = [p.detach().clone() for p, _, _ in targets]
+        for p, bits, k in targets:
+            p.copy_(sdclip_round(p, bits, k))
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for (p, _, _), float_values in zip(targets, saved):
+                p.copy_(float_values)
 
 
 class _StopSignal:
@@ -137,6 +176,7 @@ def train(cfg: Config, info: DistInfo | None = None, log: Callable[[str], None] 
     loss_fn = (torch.compile(model.loss, dynamic=False, options=options) if t.compile and t.compile_scope == "model"
                else model.loss)
     ema = [p.detach().float().clone() for p in params] if t.ema_decay > 0 else None
+    qat: list[tuple[torch.Tensor, int, float]] = []  # (weight, bits, clip k) once late QAT is on
     log(f"model: {model.num_params():,} params, attention backend {model.attn_backend_name}, "
         f"world {info.world_size}, grad_accum {accum} x {micro_seqs} seqs of {t.train_seq_len}")
 
@@ -147,7 +187,7 @@ def train(cfg: Config, info: DistInfo | None = None, log: Callable[[str], None] 
                 if "momentum" in group:
                     group["momentum"] = muon_momentum_at(step, t)
         total = torch.zeros((), device=device)
-        with record_function("forward_backward"):
+        with record_function("forward_backward"), weights_rounded(qat):
             for _ in range(accum):
                 x, y = loader.next_batch(micro_seqs, device)
                 with amp:
@@ -182,11 +222,8 @@ def train(cfg: Config, info: DistInfo | None = None, log: Callable[[str], None] 
             "loader": loader.state_dict(),
         }
         looped = cfg.model.num_loops > 1
-        qat = t.qat_start_frac > 0
         for i in range(t.warmup_steps):
             model.set_looping(looped and i >= t.warmup_steps // 2)  # both layer orders
-            # QAT starts late, when looping is on: its graphs are compiled in the last step
-            model.set_qat(cfg.quant if qat and i == t.warmup_steps - 1 else None, t.qat_k_scale)
             train_step(0.0, 0)
         if use_cuda:
             torch.cuda.synchronize()
@@ -197,7 +234,6 @@ def train(cfg: Config, info: DistInfo | None = None, log: Callable[[str], None] 
         if ema is not None:
             ema = [p.detach().float().clone() for p in params]
         model.set_looping(False)
-        model.set_qat(None)
     phases["compile_warmup"] = time.perf_counter() - t_warm
 
     # ------------------------------------------------------------------ resume
@@ -250,9 +286,9 @@ def train(cfg: Config, info: DistInfo | None = None, log: Callable[[str], None] 
                 model.set_looping(True)
                 flops_per_token = model.flops_per_token(t.train_seq_len)
                 log(f"step:{step} depth recurrence on: layer order {model.layer_order()}")
-            if t.qat_start_frac > 0 and not model.qat_on and progress >= t.qat_start_frac:
-                model.set_qat(cfg.quant, t.qat_k_scale)
-                log(f"step:{step} QAT on: weights rounded to their SDClip grid at class k x {t.qat_k_scale}")
+            if t.qat_start_frac > 0 and not qat and progress >= t.qat_start_frac:
+                qat.extend(qat_targets(model, cfg.quant, t.qat_k_scale))
+                log(f"step:{step} QAT on: {len(qat)} weights rounded to their SDClip grid at class k x {t.qat_k_scale}")
             profiling = step + 1 == t.profile_step and info.is_main and use_cuda
             activities = [ProfilerActivity.CPU, ProfilerActivity.CUDA]
             with profile(activities=activities) if profiling else nullcontext() as prof:
@@ -292,7 +328,6 @@ def train(cfg: Config, info: DistInfo | None = None, log: Callable[[str], None] 
 
     # ------------------------------------------------------------------ export weights
     model.compile_blocks(False)  # what follows (GPTQ, LoRA) hooks modules
-    model.set_qat(None)  # evaluation and GPTQ see the float weights
     if ema is not None:
         with torch.no_grad():
             for p, e in zip(params, ema):

@@ -11,15 +11,7 @@ import torch.nn.functional as F
 
 import golf.model as model_mod
 from golf.config import GolfError, ModelConfig, record, tiny
-from golf.model import (
-    GPT,
-    causal_attention,
-    fake_quantize,
-    resolve_attn_backend,
-    virtual_layer_order,
-    xsa_project,
-)
-from golf.quant import rtn_quantize, sdclip_scale
+from golf.model import GPT, causal_attention, resolve_attn_backend, virtual_layer_order, xsa_project
 
 CONTROL_WORDS = ("scale", "gain", "mix", "gate", "skip", "lambda", "route")
 MATRIX_SUFFIXES = ("attn.c_q.weight", "attn.c_k.weight", "attn.c_v.weight", "attn.proj.weight",
@@ -329,61 +321,3 @@ def test_regional_compile_matches_eager_and_looping_needs_no_new_graph(fused_ce)
         torch.testing.assert_close(losses[True, looping], losses[False, looping], rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(grads[True, looping], grads[False, looping], rtol=1e-4, atol=1e-6)
 
-
-def test_fake_quantize_rounds_rows_to_the_stored_sdclip_grid_and_passes_gradients_through():
-    torch.manual_seed(0)
-    w = torch.randn(16, 256)
-    w[3, 7] = 40.0  # beyond q_max steps: clamped like golf.quant clamps it
-    w.requires_grad_(True)
-    out = fake_quantize(w, 6, 12.0)
-    frozen = w.detach()
-    step = 12.0 * frozen.std(dim=1, keepdim=True, unbiased=False) / 31
-    q = out.detach() / step
-    torch.testing.assert_close(q, q.round(), rtol=0, atol=1e-4)
-    assert q.abs().max() <= 31 + 1e-4 and q[3, 7].item() == pytest.approx(31, abs=1e-4)
-    inside = (frozen / step).abs() <= 31
-    assert ((out.detach() - frozen).abs() <= step / 2 + 1e-6)[inside].all()
-    # the grid golf.quant stores (its scale is rounded to fp16, so a rare tie can flip)
-    stored = rtn_quantize(frozen, sdclip_scale(frozen, 6, 12.0), 6)
-    assert (stored == q.round()).float().mean() > 0.99
-    grad = torch.randn_like(frozen)
-    (out * grad).sum().backward()
-    assert torch.equal(w.grad, grad)  # straight through
-
-
-@pytest.mark.parametrize("compiled", [False, True])
-def test_qat_forward_is_the_forward_of_the_rounded_weights(compiled):
-    """set_qat rounds exactly the tensors golf.quant quantizes, at their class's bits and k × scale;
-    compiled blocks agree with eager and share one QAT graph per region; off restores the model."""
-    from torch._dynamo.utils import counters
-
-    cfg = tiny()
-    qcfg = dataclasses.replace(cfg.quant, passthrough_max_numel=2048)
-    model = perturbed(cfg.model, seed=3)
-    ids = torch.randint(0, cfg.model.vocab_size, (2, 32))
-    targets = ids.roll(-1, 1)
-    with torch.no_grad():
-        float_loss = model.loss(ids, targets)
-    model.set_qat(qcfg, 1.25)
-    specs = {name: m.qat for name, m in model.named_modules() if hasattr(m, "qat")}
-    assert specs["tok_emb"] == specs["lm_head"] == (8, 16.0 * 1.25)  # the tied head, both uses
-    assert specs["blocks.0.attn.c_q"] == (6, 12.5 * 1.25) and specs["blocks.0.mlp.fc"] == (6, 11.5 * 1.25)
-    assert specs["blocks.0.attn.c_k"] is None  # 64 × 32 values: stored as fp16, never rounded
-    rounded_weights = {name: fake_quantize(dict(model.named_modules())[name].weight.detach(), *spec)
-                       for name, spec in specs.items() if spec is not None}
-    torch._dynamo.reset()
-    counters.clear()
-    model.compile_blocks(compiled)
-    with torch.no_grad():
-        qat_loss = model.loss(ids, targets)
-    if compiled:  # embedding, block without/with a U-Net skip, parallel block: not one per layer
-        assert counters["stats"]["unique_graphs"] == 4
-    model.compile_blocks(False)
-    reference = perturbed(cfg.model, seed=3)
-    with torch.no_grad():
-        for name, w in rounded_weights.items():
-            dict(reference.named_modules())[name].weight.copy_(w)
-        torch.testing.assert_close(qat_loss, reference.loss(ids, targets), rtol=1e-5, atol=1e-5)
-        model.set_qat(None)
-        assert not model.qat_on and torch.equal(model.loss(ids, targets), float_loss)
-    assert abs(qat_loss.item() - float_loss.item()) > 1e-4  # the rounding is visible

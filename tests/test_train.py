@@ -6,7 +6,7 @@ import signal
 import pytest
 import torch
 
-from golf.train import micro_batch_plan, train
+from golf.train import micro_batch_plan, qat_targets, sdclip_round, train, weights_rounded
 from tests.conftest import tiny_config
 
 
@@ -51,6 +51,62 @@ def test_recurrence_switches_on_by_wallclock(tiny_data, tiny_tokenizer, tmp_path
     assert len(switch) == 1 and switch[0].startswith("step:5 ")
 
 
+def test_sdclip_round_is_the_grid_golf_quant_stores():
+    from golf.quant import rtn_quantize, sdclip_scale
+
+    torch.manual_seed(0)
+    w = torch.randn(16, 256)
+    w[3, 7] = 40.0  # beyond q_max steps: clamped, as golf.quant clamps it
+    rounded = sdclip_round(w, 6, 12.0)
+    step = 12.0 * w.std(dim=1, keepdim=True, unbiased=False) / 31
+    q = rounded / step
+    torch.testing.assert_close(q, q.round(), rtol=0, atol=1e-4)
+    assert q.abs().max() <= 31 + 1e-4 and q[3, 7].item() == pytest.approx(31, abs=1e-4)
+    inside = (w / step).abs() <= 31
+    assert ((rounded - w).abs() <= step / 2 + 1e-6)[inside].all()
+    stored = rtn_quantize(w, sdclip_scale(w, 6, 12.0), 6)  # its step is rounded to fp16: rare ties flip
+    assert (stored == q.round()).float().mean() > 0.99
+
+
+def test_qat_takes_gradients_at_the_rounded_weights_and_restores_the_float_ones(tiny_data, tiny_tokenizer,
+                                                                                tmp_path):
+    """Straight-through QAT: the gradient is the rounded model's, applied to float weights that
+    come back bit for bit; exactly the tensors golf.quant quantizes take part, the tied one once."""
+    import copy
+    import dataclasses
+
+    from golf.model import GPT
+
+    cfg = tiny_config(tiny_data, tiny_tokenizer, tmp_path)
+    qcfg = dataclasses.replace(cfg.quant, passthrough_max_numel=2048)
+    torch.manual_seed(0)
+    model = GPT(cfg.model)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    targets = qat_targets(model, qcfg, 1.25)
+    names = {id(p): n for n, p in model.named_parameters()}
+    specs = {names[id(p)]: (bits, k) for p, bits, k in targets}
+    assert specs["tok_emb.weight"] == (8, 16.0 * 1.25) and "lm_head.weight" not in specs  # tied: once
+    assert specs["blocks.0.attn.c_q.weight"] == (6, 12.5 * 1.25)
+    assert specs["blocks.0.mlp.fc.weight"] == (6, 11.5 * 1.25)
+    assert "blocks.0.attn.c_k.weight" not in specs  # 64 × 32 values: stored as fp16, never rounded
+    float_state = {n: p.detach().clone() for n, p in model.named_parameters()}
+    ids = torch.randint(0, cfg.model.vocab_size, (2, 32))
+
+    reference = copy.deepcopy(model)
+    with torch.no_grad():
+        for name, (bits, k) in specs.items():
+            reference.get_parameter(name).copy_(sdclip_round(float_state[name], bits, k))
+    reference.loss(ids, ids.roll(-1, 1)).backward()
+    with weights_rounded(targets):
+        model.loss(ids, ids.roll(-1, 1)).backward()
+    for name, p in model.named_parameters():
+        assert torch.equal(p.detach(), float_state[name]), name
+        torch.testing.assert_close(p.grad, reference.get_parameter(name).grad, rtol=1e-5, atol=1e-7)
+    assert not torch.equal(reference.tok_emb.weight, model.tok_emb.weight)  # the rounding is real
+
+
 def _val_loss(model, cfg, state=None) -> float:
     """Mean loss on the tiny validation tokens, optionally with `state` loaded over the weights."""
     import copy
@@ -82,7 +138,6 @@ def test_late_qat_switches_on_at_its_fraction_and_lowers_the_rounded_models_loss
         result = train(cfg, log=logs.append)
         switch = [line for line in logs if "QAT on" in line]
         assert len(switch) == (1 if frac else 0) and (not frac or switch[0].startswith("step:20 "))
-        assert not result.model.qat_on  # the export is the float EMA
         # round to nearest on the class grid QAT trained with
         qcfg = dataclasses.replace(cfg.quant, gptq=False, clip_alloc="class")
         state = dequantize_state(quantize_state(result.model, qcfg))
