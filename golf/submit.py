@@ -577,6 +577,9 @@ def describe_techniques(cfg: Config) -> list[str]:
         sched.append(f"grad clip {t.grad_clip_norm:g}")
     if t.ema_decay:
         sched.append(f"EMA {t.ema_decay:g} exported")
+    if t.qat_start_frac:
+        sched.append(f"late QAT from {t.qat_start_frac:.0%} of the wallclock (the quantized weights' SDClip "
+                     f"grid at class k × {t.qat_k_scale:g}, straight-through)")
     out.append("schedule: " + ", ".join(sched))
     quant = (f"GPTQ (act-order {'on' if q.gptq_act_order else 'off'}, {q.gptq_calib_batches}×"
              f"{q.gptq_calib_seqs} calibration sequences from the training shards)"

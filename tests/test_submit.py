@@ -293,8 +293,10 @@ def test_techniques_name_the_quantizer_settings():
     assert "eval: sliding window 2048 stride 64" in sgd and "chunked TTT" in sgd
     tensors = " ".join(describe_techniques(load_config("record", ["clip_alloc=fisher"], environ={})))
     assert "per-tensor k from the Fisher of 32 training windows" in tensors and "per-row" not in tensors
+    assert ("late QAT from 30% of the wallclock (the quantized weights' SDClip grid at class k × 1.115, "
+            "straight-through)") in record
     baseline = " ".join(describe_techniques(load_config("baseline", environ={})))
-    assert "Fisher" not in baseline and "fitted to the cap" not in baseline
+    assert "Fisher" not in baseline and "fitted to the cap" not in baseline and "QAT" not in baseline
 
 
 def test_write_record_keeps_hand_edits_and_adds_seeds(tmp_path):
