@@ -320,4 +320,3 @@ def test_regional_compile_matches_eager_and_looping_needs_no_new_graph(fused_ce)
     for looping in (False, True):
         torch.testing.assert_close(losses[True, looping], losses[False, looping], rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(grads[True, looping], grads[False, looping], rtol=1e-4, atol=1e-6)
-
