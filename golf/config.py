@@ -404,8 +404,9 @@ def record() -> Config:
         muon_momentum=0.97, muon_momentum_warmup_start=0.92, muon_momentum_warmup_steps=1500,
         muon_coeffs="polar", muon_row_norm=True, muon_wd=0.095, adam_wd=0.085,
         grad_clip_norm=0.3, ema_decay=0.9965,
-        # Late QAT from 30% of the budget: on 300 s record models the quantized BPB fell by 0.020–0.022
-        # (from 50%: 0.014–0.017, from 70%: 0.006–0.009), the float model's nearly as much (docs/benchmarks.md)
+        # Late QAT from 30% of the budget: on 300 s record models the quantized BPB fell by 0.016–0.022
+        # (from 50%: 0.014–0.017, from 70%: 0.006–0.009), the float model's nearly as much, and the
+        # quantization gap was +0.0046 to +0.0059 on three models (docs/benchmarks.md)
         qat_start_frac=0.3,
     )
     # Fisher-allocated clip k per row within ×/÷2.5 of the class k, scaled to land just under the
