@@ -107,26 +107,13 @@ def test_qat_takes_gradients_at_the_rounded_weights_and_restores_the_float_ones(
     assert not torch.equal(reference.tok_emb.weight, model.tok_emb.weight)  # the rounding is real
 
 
-def _val_loss(model, cfg, state=None) -> float:
-    """Mean loss on the tiny validation tokens, optionally with `state` loaded over the weights."""
-    import copy
-
-    from golf.data import list_shards, load_val_tokens
-
-    model = copy.deepcopy(model)
-    if state is not None:
-        model.load_state_dict(state)
-    seq = cfg.train.train_seq_len
-    tokens = load_val_tokens(list_shards(cfg.data.data_path, cfg.data.val_files), 0).long()
-    n = (tokens.numel() - 1) // seq * seq
-    with torch.no_grad():
-        return model.loss(tokens[:n].view(-1, seq), tokens[1:n + 1].view(-1, seq)).item()
-
-
 def test_late_qat_switches_on_at_its_fraction_and_lowers_the_rounded_models_loss(tiny_data, tiny_tokenizer,
                                                                                  tmp_path):
+    import copy
     import dataclasses
 
+    from golf.data import byte_table, list_shards, load_tokenizer, load_val_tokens
+    from golf.eval import evaluate
     from golf.quant import dequantize_state, quantize_state
 
     rounded = {}
@@ -140,8 +127,12 @@ def test_late_qat_switches_on_at_its_fraction_and_lowers_the_rounded_models_loss
         assert len(switch) == (1 if frac else 0) and (not frac or switch[0].startswith("step:20 "))
         # round to nearest on the class grid QAT trained with
         qcfg = dataclasses.replace(cfg.quant, gptq=False, clip_alloc="class")
-        state = dequantize_state(quantize_state(result.model, qcfg))
-        rounded[frac] = _val_loss(result.model, cfg, state)
+        model = copy.deepcopy(result.model)
+        model.load_state_dict(dequantize_state(quantize_state(result.model, qcfg)))
+        val = load_val_tokens(list_shards(cfg.data.data_path, cfg.data.val_files))
+        table = byte_table(load_tokenizer(cfg.data.tokenizer_path, cfg.model.vocab_size))
+        rounded[frac] = evaluate(model, val, table, dataclasses.replace(cfg.eval, eval_stride=0),
+                                 dataclasses.replace(cfg.ttt, ttt_mode="none"), log=lambda _: None).val_loss
     assert rounded[0.5] < rounded[0.0] - 0.5, rounded
 
 
