@@ -37,8 +37,8 @@ from pathlib import Path
 
 from golf.config import Config, GolfError
 
-BUNDLE_MODULES = ("config", "dist", "data", "kernels.softcap_ce", "model", "optim", "train", "quant", "pack",
-                  "eval", "run")
+BUNDLE_MODULES = ("config", "dist", "data", "kernels.softcap_ce", "kernels.attention_ops", "model", "optim", "train",
+                  "quant", "pack", "eval", "run")
 WRAPPER_NAME = "train_gpt.py"
 READABLE_NAME = "train_gpt_readable.py"
 ENTRY_POINT = "run_from_env"

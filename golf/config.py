@@ -77,6 +77,11 @@ class ModelConfig:
     stream_dtype: str = "float32"
     # training loss through golf.kernels.softcap_ce (Triton on CUDA, the torch reference elsewhere)
     fused_ce: bool = False
+    # q/k RMS norm, partial RoPE and q gain as one op (golf.kernels.attention_ops; needs qk_norm)
+    fused_qk_rope: bool = False
+    fused_xsa: bool = False  # XSA as one op (golf.kernels.attention_ops; needs xsa)
+    # attn_scale / mlp_scale applied to the output projections' weights instead of their outputs
+    scales_in_weights: bool = False
 
 
 @dataclass
@@ -116,7 +121,7 @@ class TrainConfig:
     qat_k_scale: float = 1.115  # × the class clip k: where the scale fitter lands with class k on 300 s record models
     train_log_every: int = 50
     compile: bool = True
-    profile_step: int = 0  # > 0: profile this timed step on rank 0 and log its top CUDA kernels
+    profile_step: int = 0  # > 0: profile this timed step on rank 0: top CUDA kernels logged, trace in out_dir
     compile_scope: str = "blocks"  # blocks: each block and the head on their own (fast start) | model
     # default | coordinate-descent (inductor tunes each generated kernel's block sizes: slower start).
     # max-autotune was measured: cuBLAS beat every Triton matmul template, after > 4 min of tuning
@@ -285,6 +290,8 @@ class Config:
         _check(m.bigram_buckets == 0 or m.bigram_buckets >= 2, "bigram_buckets must be 0 or >= 2")
         _check(m.attn_backend in ATTN_BACKENDS, f"attn_backend must be {'|'.join(ATTN_BACKENDS)}")
         _check(m.stream_dtype in ("float32", "bfloat16"), "stream_dtype must be float32|bfloat16")
+        _check(m.qk_norm or not m.fused_qk_rope, "fused_qk_rope needs qk_norm")
+        _check(m.xsa or not m.fused_xsa, "fused_xsa needs xsa")
         _check(t.train_seq_len >= 2, "train_seq_len must be >= 2")
         _check(t.train_batch_tokens >= t.train_seq_len and t.train_batch_tokens % t.train_seq_len == 0,
                "train_batch_tokens must be a positive multiple of train_seq_len")
@@ -395,6 +402,8 @@ def record() -> Config:
         num_loops=3, loop_start=3, loop_end=5, loop_enable_frac=0.35, parallel_from=7,
         stream_dtype="bfloat16",  # +9.5% tokens/s on an H100 (docs/benchmarks.md)
         fused_ce=True,  # +0.7% (docs/benchmarks.md)
+        # qk prologue and XSA as Triton ops, attn/mlp scales on the weights: +5.4% looped (docs/benchmarks.md)
+        fused_qk_rope=True, fused_xsa=True, scales_in_weights=True,
     )
     cfg.train = TrainConfig(
         # 6 micro-batches of 131,072 tokens: +1.0% over 8 of 98,304, peak 50 GiB instead of 38 on an H100

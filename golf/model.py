@@ -33,6 +33,7 @@ from torch import Tensor, nn
 
 from golf.config import ATTN_BACKENDS, ConfigError, GolfError, ModelConfig
 from golf.data import BOS_ID
+from golf.kernels.attention_ops import qk_norm_rope, xsa
 from golf.kernels.softcap_ce import softcap_cross_entropy
 
 try:  # FlashAttention 3 (Hopper build)
@@ -75,11 +76,15 @@ class CastedLinear(nn.Linear):
             nn.init.zeros_(self.weight)
         self.lora: tuple[Tensor, Tensor] | None = None
 
-    def forward(self, x: Tensor) -> Tensor:
-        y = F.linear(x, self.weight.to(x.dtype))
+    def forward(self, x: Tensor, out_scale: Tensor | None = None) -> Tensor:
+        """x·Wᵀ, each output channel times `out_scale` when given: folded into the weight, whose
+        gradient then carries the scale's, so no pass over the activations sums it."""
+        weight = self.weight if out_scale is None else self.weight * out_scale[:, None]
+        y = F.linear(x, weight.to(x.dtype))
         if self.lora is not None:
             a, b = self.lora
-            y = y + torch.bmm(torch.bmm(x, a.to(x.dtype)), b.to(x.dtype)).to(y.dtype)
+            lora = torch.bmm(torch.bmm(x, a.to(x.dtype)), b.to(x.dtype))
+            y = y + (lora if out_scale is None else lora * out_scale.to(x.dtype)).to(y.dtype)
         return y
 
 
@@ -174,6 +179,7 @@ class GPTAttention(nn.Module):
         self.head_dim = d // cfg.num_heads
         kv_dim = self.num_kv_heads * self.head_dim
         self.backend, self.qk_norm, self.xsa = backend, cfg.qk_norm, cfg.xsa
+        self.fused_qk_rope, self.fused_xsa = cfg.fused_qk_rope, cfg.fused_xsa
         self.c_q = CastedLinear(d, d)
         self.c_k = CastedLinear(d, kv_dim)
         self.c_v = CastedLinear(d, kv_dim)
@@ -184,24 +190,27 @@ class GPTAttention(nn.Module):
         self.out_gate = (nn.Parameter(torch.zeros(self.num_heads, min(GATE_INPUT_DIMS, d)))
                          if cfg.attn_out_gate else None)
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, out_scale: Tensor | None = None) -> Tensor:
         bsz, seq, dim = x.shape
         hd, h, hkv = self.head_dim, self.num_heads, self.num_kv_heads
         q = self.c_q(x).view(bsz, seq, h, hd)
         k = self.c_k(x).view(bsz, seq, hkv, hd)
         v = self.c_v(x).view(bsz, seq, hkv, hd)
-        if self.qk_norm:
-            q, k = F.rms_norm(q, (hd,)), F.rms_norm(k, (hd,))
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        if self.q_gain is not None:
-            q = q * self.q_gain.to(q.dtype)[:, None]
+        if self.fused_qk_rope:
+            q, k = qk_norm_rope(q, cos, sin, self.q_gain), qk_norm_rope(k, cos, sin)
+        else:
+            if self.qk_norm:
+                q, k = F.rms_norm(q, (hd,)), F.rms_norm(k, (hd,))
+            q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+            if self.q_gain is not None:
+                q = q * self.q_gain.to(q.dtype)[:, None]
         y = causal_attention(q, k, v, self.backend)
         if self.xsa:
-            y = xsa_project(y, v)
+            y = xsa(y, v) if self.fused_xsa else xsa_project(y, v)
         if self.out_gate is not None:
             gate = 2.0 * torch.sigmoid(F.linear(x[..., : self.out_gate.size(1)], self.out_gate.to(x.dtype)))
             y = y * gate.unsqueeze(-1).to(y.dtype)
-        return self.proj(y.reshape(bsz, seq, dim))
+        return self.proj(y.reshape(bsz, seq, dim), out_scale)
 
 
 class GPTMLP(nn.Module):
@@ -214,10 +223,10 @@ class GPTMLP(nn.Module):
         self.fc = CastedLinear(cfg.model_dim, hidden)
         self.proj = CastedLinear(hidden, cfg.model_dim, zero_init=True)
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, out_scale: Tensor | None = None) -> Tensor:
         h = self.fc(x)
         h = F.leaky_relu(h, 0.5) if self.leaky else F.relu(h)
-        return self.proj(h.square())
+        return self.proj(h.square(), out_scale)
 
 
 class GPTBlock(nn.Module):
@@ -240,6 +249,7 @@ class GPTBlock(nn.Module):
         # lane_route[lane, (attn, mlp)]: how much of each sublayer's output each lane receives.
         # All ones makes two equal lanes evolve exactly like the single-lane parallel block.
         self.lane_route = nn.Parameter(torch.ones(2, 2)) if self.two_lane else None
+        self.scales_in_weights = cfg.scales_in_weights
 
     def _mix(self, x: Tensor, x0: Tensor) -> Tensor:
         if self.resid_mix is None:
@@ -250,6 +260,16 @@ class GPTBlock(nn.Module):
     def _norm(self, x: Tensor) -> Tensor:
         n = F.rms_norm(x, (self.dim,))
         return n if self.ln_factor is None else n * self.ln_factor.to(n.dtype)
+
+    def _attn_out(self, n: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+        if self.scales_in_weights:
+            return self.attn(n, cos, sin, self.attn_scale)
+        return self.attn_scale.to(n.dtype) * self.attn(n, cos, sin)
+
+    def _mlp_out(self, n: Tensor) -> Tensor:
+        if self.scales_in_weights:
+            return self.mlp(n, self.mlp_scale)
+        return self.mlp_scale.to(n.dtype) * self.mlp(n)
 
     @staticmethod
     def _skip(x: Tensor, skip: tuple[Tensor, Tensor, Tensor] | None) -> Tensor:
@@ -262,12 +282,11 @@ class GPTBlock(nn.Module):
     def forward(self, x: Tensor, x0: Tensor, cos: Tensor, sin: Tensor,
                 skip: tuple[Tensor, Tensor, Tensor] | None = None) -> Tensor:
         x = self._mix(self._skip(x, skip), x0)
-        attn_scale, mlp_scale = self.attn_scale.to(x.dtype), self.mlp_scale.to(x.dtype)
         if self.parallel:  # GPT-J: attention and MLP read the same normed input
             n = self._norm(x)
-            return x + attn_scale * self.attn(n, cos, sin) + mlp_scale * self.mlp(n)
-        x = x + attn_scale * self.attn(self._norm(x), cos, sin)
-        return x + mlp_scale * self.mlp(self._norm(x))
+            return x + self._attn_out(n, cos, sin) + self._mlp_out(n)
+        x = x + self._attn_out(self._norm(x), cos, sin)
+        return x + self._mlp_out(self._norm(x))
 
     def forward_lanes(self, a: Tensor, b: Tensor, x0: Tensor, cos: Tensor, sin: Tensor,
                       skip: tuple[Tensor, Tensor, Tensor] | None = None) -> tuple[Tensor, Tensor]:
@@ -276,8 +295,7 @@ class GPTBlock(nn.Module):
         a' = a + r00·A + r01·M,  b' = b + r10·A + r11·M, with r = lane_route (init all ones).
         A U-Net skip reaches both lanes."""
         a, b = self._mix(self._skip(a, skip), x0), self._mix(self._skip(b, skip), x0)
-        out_attn = self.attn_scale.to(a.dtype) * self.attn(self._norm(a), cos, sin)
-        out_mlp = self.mlp_scale.to(b.dtype) * self.mlp(self._norm(b))
+        out_attn, out_mlp = self._attn_out(self._norm(a), cos, sin), self._mlp_out(self._norm(b))
         r = self.lane_route.to(a.dtype)
         return a + r[0, 0] * out_attn + r[0, 1] * out_mlp, b + r[1, 0] * out_attn + r[1, 1] * out_mlp
 

@@ -296,6 +296,8 @@ def train(cfg: Config, info: DistInfo | None = None, log: Callable[[str], None] 
             if profiling:
                 log(f"profile of step {step + 1}:\n" + prof.key_averages().table(
                     sort_by="self_cuda_time_total", row_limit=30, max_name_column_width=70))
+                # The kernel-by-kernel timeline, for reading which ops each fused kernel holds.
+                prof.export_chrome_trace(str(out_dir / f"profile_step{step + 1}.json"))
             step += 1
             last_step_s = time.perf_counter() - t0 - elapsed
             if not math.isfinite(loss):

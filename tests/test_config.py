@@ -54,6 +54,8 @@ def test_cli_overrides_win_over_env():
     ({"MLP_BITS": "9"}, "mlp_bits must be in [2, 8]"),
     ({"COMPILE_MODE": "max-autotune"}, "compile_mode must be default|coordinate-descent"),
     ({"TTT_DEADLINE_S": "-1"}, "ttt_deadline_s must be >= 0"),
+    ({"FUSED_QK_ROPE": "1", "QK_NORM": "0"}, "fused_qk_rope needs qk_norm"),
+    ({"FUSED_XSA": "1"}, "fused_xsa needs xsa"),
 ])
 def test_bad_values_are_one_line_errors(env, message):
     with pytest.raises(ConfigError) as info:

@@ -1,5 +1,7 @@
 """golf.kernels: softcap_ce's torch reference against its closed form, and the Triton kernels of
-softcap_ce and leaky_mlp against their references, run on CPU by the Triton interpreter.
+softcap_ce, leaky_mlp and attention_ops (qk_norm_rope, xsa) against their references, run on CPU by the Triton
+interpreter; the attention ops' torch paths against golf.model's formulas, and on a GPU inside a
+compiled graph.
 
 TRITON_INTERPRET must be set before triton is imported, so the kernel cases run once in a child
 process (this file as a script) that prints one JSON line of per-case errors.
@@ -17,8 +19,11 @@ import sys
 import pytest
 import torch
 import torch.nn.functional as F
+from golf.kernels.attention_ops import qk_norm_rope, xsa
 from golf.kernels.leaky_mlp import leaky_relu2_mlp, leaky_relu2_mlp_reference
 from golf.kernels.softcap_ce import softcap_cross_entropy, softcap_cross_entropy_reference
+
+from golf.model import RotaryCache, apply_rotary, xsa_project
 
 # Shapes straddle the 4096-wide block: one partial block, an exact multiple, a ragged tail.
 INTERP_CASES = {
@@ -177,6 +182,68 @@ def run_hopper_matmul_cases() -> dict:
     return out
 
 
+# Attention ops: (kind, batch, seq, heads, kv heads or rotated half, gain, dtype). Token counts are
+# ragged against the 64-token blocks; full and partial rotation; grouped and plain heads.
+ATTN_CASES = {
+    "qk_partial_gain_fp32": ("qk", 2, 37, 4, 8, True, torch.float32),
+    "qk_full_rotation_bf16": ("qk", 1, 70, 2, 32, False, torch.bfloat16),
+    "qk_partial_gain_bf16": ("qk", 3, 50, 8, 8, True, torch.bfloat16),
+    "xsa_gqa_fp32": ("xsa", 2, 37, 8, 4, False, torch.float32),
+    "xsa_mha_bf16": ("xsa", 1, 70, 2, 2, False, torch.bfloat16),
+    "xsa_gqa_bf16": ("xsa", 3, 50, 8, 2, False, torch.bfloat16),
+}
+FP32_EPS = torch.finfo(torch.float32).eps
+
+
+def attn_case(kind, batch, seq, heads, extra, gain, dtype, seed=0):
+    """(inputs, the op's extra arguments, its float64 definition from golf.model) for one case;
+    the xsa cases include a zero value vector (F.normalize's clamp)."""
+    g = torch.Generator().manual_seed(seed)
+    if kind == "qk":
+        x = torch.randn(batch, seq, heads, 64, generator=g, dtype=torch.float64) * 3
+        w = torch.rand(heads, generator=g, dtype=torch.float64) + 0.5
+        cos, sin = RotaryCache(2 * extra, 10000.0)(seq)
+
+        def definition(x, *w):
+            y = apply_rotary(F.rms_norm(x, (64,), eps=FP32_EPS), cos.double(), sin.double())
+            return y * w[0][:, None] if w else y
+        return [x, w] if gain else [x], (cos, sin), definition
+    y = torch.randn(batch, seq, heads, 64, generator=g, dtype=torch.float64)
+    v = torch.randn(batch, seq, extra, 64, generator=g, dtype=torch.float64)
+    v[0, 0, 0] = 0.0
+    return [y, v], (), xsa_project
+
+
+def run_attn_cases() -> dict:
+    """Output and gradients of the Triton and the plain-torch path of each op in the case's
+    dtype, relative to the float64 definition."""
+    from golf.kernels import attention_ops
+
+    out = {}
+    for name, (kind, *spec) in ATTN_CASES.items():
+        dtype = spec[-1]
+        inputs, extra, definition = attn_case(kind, *spec)
+        ref_in = [t.clone().requires_grad_() for t in inputs]
+        ref_y = definition(*ref_in)
+        grad = torch.randn(ref_y.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+        ref_grads = torch.autograd.grad(ref_y, ref_in, grad)
+        errors = {}
+        for path in ("triton", "torch"):
+            forward = getattr(attention_ops, f"_{kind}_forward_{path}")
+            backward = getattr(attention_ops, f"_{kind}_backward_{path}")
+            if kind == "qk":
+                x, w = inputs[0].to(dtype), inputs[1].float() if len(inputs) > 1 else None
+                y = forward(x, *extra, w, FP32_EPS)
+                grads = backward(grad.to(dtype), x, *extra, w, FP32_EPS)[: len(inputs)]
+            else:
+                args = [t.to(dtype) for t in inputs]
+                y, grads = forward(*args), backward(grad.to(dtype), *args)
+            errors[path] = [rel(y, ref_y)] + [rel(a, b) for a, b in zip(grads, ref_grads)]
+            errors[f"{path}_dtype_kept"] = y.dtype == grads[0].dtype == dtype
+        out[name] = errors
+    return out
+
+
 def run_interp_cases() -> dict:
     from golf.kernels.softcap_ce import softcap_cross_entropy_triton
 
@@ -247,10 +314,68 @@ def test_hopper_mlp_matmuls_interpreter_match_reference(interp_results):
     assert all(err < 1e-5 for err in interp_results["hopper"].values()), interp_results["hopper"]
 
 
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
+@pytest.mark.parametrize("name", list(ATTN_CASES))
+def test_attention_op_kernels_interpreter_match_definition(interp_results, name):
+    """qk_norm_rope and xsa, forward and every gradient, against float64: within 1e-5 in fp32, and
+    in bf16 no further off than the plain-torch path (2× and 1e-3 of slack: the interpreter
+    truncates to bf16 where the GPU rounds)."""
+    r = interp_results["attn"][name]
+    assert r["triton_dtype_kept"] and r["torch_dtype_kept"]
+    for got, plain in zip(r["triton"], r["torch"]):
+        if ATTN_CASES[name][-1] == torch.float32:
+            assert got < 1e-5 and plain < 1e-5
+        else:
+            assert got < 2 * plain + 1e-3
+
+
+@pytest.mark.parametrize("name", ["qk_partial_gain_fp32", "xsa_gqa_fp32"])
+def test_attention_ops_are_their_definition_with_its_gradients(name):
+    """On CPU the custom ops run plain torch: gradcheck in float64, and equal to golf.model's formulas."""
+    kind, batch, _, heads, extra, gain, _ = ATTN_CASES[name]
+    inputs, args, definition = attn_case(kind, batch, 5, heads, extra, gain, torch.float64)
+    leaves = [t.clone().requires_grad_() for t in inputs]
+    if kind == "qk":
+        op = lambda x, w: qk_norm_rope(x, *(a.double() for a in args), w, FP32_EPS)  # noqa: E731
+    else:
+        op = xsa
+    assert torch.autograd.gradcheck(op, leaves)
+    torch.testing.assert_close(op(*leaves), definition(*leaves), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("name", ["qk_partial_gain_bf16", "xsa_gqa_bf16"])
+def test_attention_ops_on_gpu_eager_and_compiled_match_definition(name):
+    """The Triton kernels at a training-like shape, eager and inside a compiled graph (where the
+    op is one opaque node), against float64: no further off than the plain-torch path."""
+    kind, _, _, heads, extra, gain, dtype = ATTN_CASES[name]
+    inputs, args, definition = attn_case(kind, 8, 2048, heads, extra, gain, dtype)
+    ref_in = [t.clone().requires_grad_() for t in inputs]
+    ref_y = definition(*ref_in)
+    grad = torch.randn_like(ref_y)
+    ref_grads = torch.autograd.grad(ref_y, ref_in, grad)
+    if kind == "qk":
+        args = tuple(a.cuda() for a in args)
+        op = lambda x, w: qk_norm_rope(x, *args, w)  # noqa: E731
+        leaves = [inputs[0].to("cuda", dtype), inputs[1].float().cuda()]
+    else:
+        op, leaves = xsa, [t.to("cuda", dtype) for t in inputs]
+    plain = [rel(definition(*[t.double().cpu() for t in leaves]).to(dtype), ref_y)]
+    for fn in (op, torch.compile(op, dynamic=False)):
+        leaves = [t.detach().requires_grad_() for t in leaves]
+        y = fn(*leaves)
+        grads = torch.autograd.grad(y, leaves, grad.to("cuda", dtype))
+        assert y.dtype == grads[0].dtype == dtype
+        assert rel(y.cpu(), ref_y) < 2 * plain[0] + 1e-3
+        for got, want in zip(grads, ref_grads):
+            assert rel(got.cpu(), want) < 1e-2
+
+
 def test_fused_mlp_falls_back_to_the_reference_on_cpu():
     x, w_fc, w_proj = mlp_case((4, 9), 16, 32, 16, torch.float32)
     assert torch.equal(leaky_relu2_mlp(x, w_fc, w_proj), leaky_relu2_mlp_reference(x, w_fc, w_proj))
 
 
 if __name__ == "__main__":
-    print(json.dumps({**run_interp_cases(), "mlp": run_mlp_cases(), "hopper": run_hopper_matmul_cases()}))
+    print(json.dumps({**run_interp_cases(), "mlp": run_mlp_cases(), "hopper": run_hopper_matmul_cases(),
+                      "attn": run_attn_cases()}))

@@ -184,6 +184,28 @@ def test_fused_ce_loss_and_gradients_match_the_head_loss(softcap):
         torch.testing.assert_close(fused_grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
 
 
+@pytest.mark.parametrize("switches", [dict(fused_qk_rope=True, fused_xsa=True), dict(scales_in_weights=True)])
+def test_speed_switches_match_the_plain_model(switches):
+    """`fused_qk_rope` and `fused_xsa` swap those steps for golf.kernels ops (plain torch on CPU);
+    `scales_in_weights` moves attn_scale / mlp_scale onto the projection weights. Same function,
+    same gradients, with every other technique on and LoRA adapters on the projections."""
+    results = []
+    for on in (False, True):
+        model = perturbed(small_cfg(**ALL_ON, **(switches if on else {})), seed=4)
+        g = torch.Generator().manual_seed(5)
+        for block in model.blocks:
+            for m in (block.attn.proj, block.mlp.proj):
+                m.lora = (torch.randn(2, m.in_features, 2, generator=g), torch.randn(2, 2, m.out_features, generator=g))
+        ids = torch.randint(0, model.cfg.vocab_size, (2, 16), generator=g)
+        loss = model.loss(ids, torch.roll(ids, -1, 1))
+        loss.backward()
+        results.append((loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}))
+    (plain, plain_grads), (fused, fused_grads) = results
+    torch.testing.assert_close(fused, plain, rtol=1e-6, atol=1e-6)
+    for name, grad in plain_grads.items():
+        torch.testing.assert_close(fused_grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
 def test_causal_with_every_switch_on():
     cfg = small_cfg(**ALL_ON)
     model = perturbed(cfg, seed=1)
@@ -290,16 +312,18 @@ def test_flash_backends_match_sdpa_on_gpu(backend):
         torch.testing.assert_close(flash(ids), ref(ids), rtol=5e-2, atol=1e-1)
 
 
-@pytest.mark.parametrize("fused_ce", [False, True])
-def test_regional_compile_matches_eager_and_looping_needs_no_new_graph(fused_ce):
+@pytest.mark.parametrize("fused", [False, True])
+def test_regional_compile_matches_eager_and_looping_needs_no_new_graph(fused):
     """compile_blocks: identical blocks share graphs (no per-layer compiles), switching depth
-    recurrence on compiles nothing new, and the loss and grads equal the eager model's."""
+    recurrence on compiles nothing new, and the loss and grads equal the eager model's; the speed
+    switches (`fused`: golf.kernels' CE, qk prologue and XSA, scales in weights) add no graph."""
     from torch._dynamo.utils import counters
 
     torch._dynamo.reset()
     counters.clear()
     torch.manual_seed(0)
-    model = perturbed(dataclasses.replace(tiny().model, fused_ce=fused_ce), seed=3)
+    speed = dict(fused_ce=fused, fused_qk_rope=fused, fused_xsa=fused, scales_in_weights=fused)
+    model = perturbed(dataclasses.replace(tiny().model, **speed), seed=3)
     ids = torch.randint(0, model.cfg.vocab_size, (2, 32))
     losses, grads = {}, {}
     for compiled in (False, True):
@@ -316,7 +340,7 @@ def test_regional_compile_matches_eager_and_looping_needs_no_new_graph(fused_ce)
     model.compile_blocks(False)
     # embedding, sequential block without/with a U-Net skip, parallel block with a skip, and the
     # head with its loss unless the fused CE kernel (not compiled) takes the loss
-    assert graphs_unlooped == counters["stats"]["unique_graphs"] == (4 if fused_ce else 5)
+    assert graphs_unlooped == counters["stats"]["unique_graphs"] == (4 if fused else 5)
     for looping in (False, True):
         torch.testing.assert_close(losses[True, looping], losses[False, looping], rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(grads[True, looping], grads[False, looping], rtol=1e-4, atol=1e-6)

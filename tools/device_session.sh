@@ -40,9 +40,10 @@ build() {  # build VOCAB TOKENIZER VAL_DIR
 stage_data8192() { build 8192 $TOK8 .carry/val8192; }
 stage_data1024() { build 1024 $TOK1 .carry/val1024; }
 
-stage_kernels() {
-  timeout 150 python3 tools/bench_kernels.py 2>&1 | tee "$OUT/kernels.log"
-  timeout 120 python3 -m pytest -q -p no:cacheprovider tests/test_model.py -k "flash or backend" 2>&1 | tail -3
+stage_kernels() {  # BENCH_PARTS: which benchmarks of tools/bench_kernels.py (default all)
+  timeout 150 python3 tools/bench_kernels.py --parts ${BENCH_PARTS:-ce,mlp,attn} 2>&1 | tee "$OUT/kernels.log"
+  timeout 150 python3 -m pytest -q -p no:cacheprovider -p no:warnings tests/test_model.py tests/test_kernels.py \
+    -k "flash or backend or gpu" 2>&1 | tail -5
 }
 
 # Trainer variants side by side: `golf train --preset record`, SPEED_WALL seconds each, recurrence on
@@ -88,11 +89,18 @@ stage_evalsmoke() {
     tail -5 "$OUT/evalsmoke.err"; EXTRA_SETS="${EXTRA_SETS:-} eval_compile=0"; echo "eval_compile=0 from here on"
   fi
 }
-stage_profile() {  # one record step under the profiler: the top CUDA kernels (PROFILE_LOOPED=1: the looped order)
-  local frac=1.0; [ "${PROFILE_LOOPED:-0}" = 1 ] && frac=0.0
-  timeout 200 python3 -m golf train --preset record --set data_path=$DATA/sp8192 --set tokenizer_path=$TOK8 \
-    --set max_wallclock_seconds=20 --set gptq_reserve_seconds=0 --set loop_enable_frac=$frac --set profile_step=4 \
-    --set out_dir=/tmp/profile 2>&1 | sed -n '/^profile of step/,/^step:5/p' > "$OUT/profile.txt"
+# One record step under the profiler: the top CUDA kernels and the gzipped trace (PROFILE_LOOPED=1: the
+# looped order; PROFILE_SETS "key=value ...": overrides; PROFILE_CODE=1: inductor's generated code too).
+stage_profile() {
+  local frac=1.0 sets=() kv; [ "${PROFILE_LOOPED:-0}" = 1 ] && frac=0.0
+  for kv in ${PROFILE_SETS:-}; do sets+=(--set "$kv"); done
+  local logs=""; [ "${PROFILE_CODE:-0}" = 1 ] && logs=output_code
+  env ${logs:+TORCH_LOGS=$logs} timeout 200 python3 -m golf train --preset record --set data_path=$DATA/sp8192 \
+    --set tokenizer_path=$TOK8 --set max_wallclock_seconds=20 --set gptq_reserve_seconds=0 \
+    --set loop_enable_frac=$frac --set profile_step=4 --set out_dir=/tmp/profile "${sets[@]}" > /tmp/profile.log 2>&1
+  sed -n '/^profile of step/,/^step:5/p' /tmp/profile.log > "$OUT/profile.txt"
+  gzip -c /tmp/profile/profile_step4.json > "$OUT/profile_trace.json.gz"
+  [ -n "$logs" ] && gzip -c /tmp/profile.log > "$OUT/profile_code.log.gz"
   head -45 "$OUT/profile.txt"
 }
 stage_record() { run_preset record 8192 $TOK8; }
