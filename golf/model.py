@@ -18,6 +18,9 @@ Notable:
 - Attention backend: FlashAttention 3, then 2, then torch SDPA (`attn_backend` forces one);
   CPU tensors always take SDPA. XSA and the output gate run on the [B, T, H, D] output, no
   loops over heads.
+- Speed switches compute the same function: `fused_qk_rope` / `fused_xsa` run the q/k prologue
+  and XSA as golf.kernels.attention_ops custom ops (Triton on CUDA), and `scales_in_weights`
+  applies attn_scale / mlp_scale to the output projections' weight rows.
 """
 
 from __future__ import annotations
