@@ -182,8 +182,9 @@ def run_hopper_matmul_cases() -> dict:
     return out
 
 
-# Attention ops: (kind, batch, seq, heads, kv heads or rotated half, gain, dtype). Token counts are
-# ragged against the 64-token blocks; full and partial rotation; grouped and plain heads.
+# Attention ops: (kind, batch, seq, heads, kv heads or rotated half, gain, dtype). Row and token
+# counts are ragged against the kernels' 64-wide blocks; full and partial rotation; grouped and
+# plain heads.
 ATTN_CASES = {
     "qk_partial_gain_fp32": ("qk", 2, 37, 4, 8, True, torch.float32),
     "qk_full_rotation_bf16": ("qk", 1, 70, 2, 32, False, torch.bfloat16),

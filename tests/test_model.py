@@ -168,30 +168,24 @@ def test_bf16_stream_under_autocast_only():
     torch.testing.assert_close(logits, model(ids), rtol=0.1, atol=0.15)
 
 
-@pytest.mark.parametrize("softcap", [30.0, 0.0])
-def test_fused_ce_loss_and_gradients_match_the_head_loss(softcap):
-    """`fused_ce` swaps the training loss for golf.kernels.softcap_ce (its torch reference on CPU)."""
-    results = []
-    for fused in (False, True):
-        model = perturbed(small_cfg(**ALL_ON, logit_softcap=softcap, fused_ce=fused), seed=4)
-        ids = torch.randint(0, model.cfg.vocab_size, (2, 16))
-        loss = model.loss(ids, torch.roll(ids, -1, 1))
-        loss.backward()
-        results.append((loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}))
-    (plain, plain_grads), (fused, fused_grads) = results
-    torch.testing.assert_close(fused, plain, rtol=1e-6, atol=1e-6)
-    for name, grad in plain_grads.items():
-        torch.testing.assert_close(fused_grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
+SPEED_SWITCHES = {  # name: (the model both runs share, the switches the second run adds)
+    "fused_ce": (dict(logit_softcap=30.0), dict(fused_ce=True)),
+    "fused_ce_no_softcap": (dict(logit_softcap=0.0), dict(fused_ce=True)),
+    "attention_ops": ({}, dict(fused_qk_rope=True, fused_xsa=True)),
+    "scales_in_weights": ({}, dict(scales_in_weights=True)),
+}
 
 
-@pytest.mark.parametrize("switches", [dict(fused_qk_rope=True, fused_xsa=True), dict(scales_in_weights=True)])
-def test_speed_switches_match_the_plain_model(switches):
-    """`fused_qk_rope` and `fused_xsa` swap those steps for golf.kernels ops (plain torch on CPU);
-    `scales_in_weights` moves attn_scale / mlp_scale onto the projection weights. Same function,
-    same gradients, with every other technique on and LoRA adapters on the projections."""
+@pytest.mark.parametrize("name", list(SPEED_SWITCHES))
+def test_speed_switches_match_the_plain_model(name):
+    """Each speed switch computes the same loss and gradients, with every technique on and LoRA
+    adapters on the projections: `fused_ce` takes the loss through golf.kernels.softcap_ce,
+    `fused_qk_rope` / `fused_xsa` those steps through golf.kernels.attention_ops (plain torch on
+    CPU), and `scales_in_weights` moves attn_scale / mlp_scale onto the projection weights."""
+    shared, switches = SPEED_SWITCHES[name]
     results = []
     for on in (False, True):
-        model = perturbed(small_cfg(**ALL_ON, **(switches if on else {})), seed=4)
+        model = perturbed(small_cfg(**ALL_ON, **shared, **(switches if on else {})), seed=4)
         g = torch.Generator().manual_seed(5)
         for block in model.blocks:
             for m in (block.attn.proj, block.mlp.proj):
@@ -200,10 +194,10 @@ def test_speed_switches_match_the_plain_model(switches):
         loss = model.loss(ids, torch.roll(ids, -1, 1))
         loss.backward()
         results.append((loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}))
-    (plain, plain_grads), (fused, fused_grads) = results
-    torch.testing.assert_close(fused, plain, rtol=1e-6, atol=1e-6)
-    for name, grad in plain_grads.items():
-        torch.testing.assert_close(fused_grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
+    (plain, plain_grads), (fast, fast_grads) = results
+    torch.testing.assert_close(fast, plain, rtol=1e-6, atol=1e-6)
+    for param, grad in plain_grads.items():
+        torch.testing.assert_close(fast_grads[param], grad, rtol=1e-4, atol=1e-6, msg=param)
 
 
 def test_causal_with_every_switch_on():
