@@ -48,6 +48,7 @@ def _use_triton(x: Tensor, *sizes: int) -> bool:
 
 # ----------------------------------------------------------------------------- q/k prologue
 
+
 def _rotate(x: Tensor, cos: Tensor, sin: Tensor, inverse: bool = False) -> Tensor:
     """Half-split partial RoPE of fp32 x [B, T, H, D] with cos/sin [T, R/2]; `inverse` rotates back."""
     half = cos.size(-1)
@@ -68,7 +69,7 @@ def _qk_forward_torch(x: Tensor, cos: Tensor, sin: Tensor, gain: Tensor | None, 
 
 
 def _qk_backward_torch(grad: Tensor, x: Tensor, cos: Tensor, sin: Tensor, gain: Tensor | None,
-                    eps: float) -> tuple[Tensor, Tensor]:
+                       eps: float) -> tuple[Tensor, Tensor]:
     wide = torch.promote_types(x.dtype, torch.float32)
     xw, g, cos, sin = x.to(wide), grad.to(wide), cos.to(wide), sin.to(wide)
     rstd = torch.rsqrt(xw.square().mean(-1, keepdim=True) + eps)
@@ -89,7 +90,7 @@ if triton is not None:
     # arange plus a per-group constant keeps 16-byte loads, where a per-dim partner table made
     # them 2-byte ones (1.5 TB/s; this layout 2.4–2.7 TB/s on an H100, docs/benchmarks.md).
     @triton.jit
-    def _qk_rows(x_ptr, cos_ptr, sin_ptr, block, n_rows, seq_len, HEADS: tl.constexpr, HEAD_DIM: tl.constexpr,
+    def _qk_rows(cos_ptr, sin_ptr, block, n_rows, seq_len, HEADS: tl.constexpr, HEAD_DIM: tl.constexpr,
                  HALF_ROT: tl.constexpr, BLOCK_R: tl.constexpr):
         """Rows of one program: their offsets, partner offsets, mask, head index, cos and signed sin."""
         rows = block * BLOCK_R + tl.arange(0, BLOCK_R)
@@ -109,7 +110,7 @@ if triton is not None:
                                  HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, HALF_ROT: tl.constexpr,
                                  HAS_GAIN: tl.constexpr, BLOCK_R: tl.constexpr):
         eps = tl.cast(eps, tl.float32)  # inductor may launch with an fp64 scalar
-        offs, partner_offs, mask, head, c, s = _qk_rows(x_ptr, cos_ptr, sin_ptr, tl.program_id(0), n_rows, seq_len,
+        offs, partner_offs, mask, head, c, s = _qk_rows(cos_ptr, sin_ptr, tl.program_id(0), n_rows, seq_len,
                                                         HEADS, HEAD_DIM, HALF_ROT, BLOCK_R)
         x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         x_partner = tl.load(x_ptr + partner_offs, mask=mask, other=0.0).to(tl.float32)
@@ -125,7 +126,7 @@ if triton is not None:
                                  HALF_ROT: tl.constexpr, HAS_GAIN: tl.constexpr, BLOCK_R: tl.constexpr):
         eps = tl.cast(eps, tl.float32)
         block = tl.program_id(0)
-        offs, partner_offs, mask, head, c, s = _qk_rows(x_ptr, cos_ptr, sin_ptr, block, n_rows, seq_len,
+        offs, partner_offs, mask, head, c, s = _qk_rows(cos_ptr, sin_ptr, block, n_rows, seq_len,
                                                         HEADS, HEAD_DIM, HALF_ROT, BLOCK_R)
         x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         grad = tl.load(grad_ptr + offs, mask=mask, other=0.0).to(tl.float32)
