@@ -161,6 +161,16 @@ def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     return rotated if x_pass.size(-1) == 0 else torch.cat((rotated, x_pass), dim=-1)
 
 
+def qk_prologue(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor, gain: Tensor | None,
+                qk_norm: bool = True) -> tuple[Tensor, Tensor]:
+    """q [B, T, H, D], k [B, T, Hkv, D] → per-head RMS norm (with qk_norm), partial RoPE, and the
+    per-head q gain (when given): the formulas golf.kernels.attention_ops.qk_norm_rope fuses."""
+    if qk_norm:
+        q, k = F.rms_norm(q, (q.size(-1),)), F.rms_norm(k, (k.size(-1),))
+    q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+    return (q if gain is None else q * gain.to(q.dtype)[:, None]), k
+
+
 def xsa_project(y: Tensor, v: Tensor) -> Tensor:
     """XSA: y − (y·v̂)v̂ per position and head, v̂ the head's own normalized value vector.
 
@@ -202,11 +212,7 @@ class GPTAttention(nn.Module):
         if self.fused_qk_rope:
             q, k = qk_norm_rope(q, cos, sin, self.q_gain), qk_norm_rope(k, cos, sin)
         else:
-            if self.qk_norm:
-                q, k = F.rms_norm(q, (hd,)), F.rms_norm(k, (hd,))
-            q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-            if self.q_gain is not None:
-                q = q * self.q_gain.to(q.dtype)[:, None]
+            q, k = qk_prologue(q, k, cos, sin, self.q_gain, self.qk_norm)
         y = causal_attention(q, k, v, self.backend)
         if self.xsa:
             y = xsa(y, v) if self.fused_xsa else xsa_project(y, v)

@@ -21,13 +21,12 @@ import argparse
 import sys
 
 import torch
-import torch.nn.functional as F
 from golf.kernels import leaky_mlp
 from golf.kernels.attention_ops import qk_norm_rope, xsa
 from golf.kernels.leaky_mlp import leaky_relu2_mlp_reference, leaky_relu2_mlp_triton
 from golf.kernels.softcap_ce import softcap_cross_entropy_reference, softcap_cross_entropy_triton
 
-from golf.model import RotaryCache, apply_rotary, xsa_project
+from golf.model import RotaryCache, qk_prologue, xsa_project
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -168,9 +167,7 @@ def bench_attention_ops(do_bench) -> bool:
     v = torch.randn(b, t, hkv, hd, device=dev, generator=g).bfloat16()
 
     def qk_formulas(q, k, gain):
-        q, k = F.rms_norm(q, (hd,)), F.rms_norm(k, (hd,))
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        return q * gain.to(q.dtype)[:, None], k
+        return qk_prologue(q, k, cos, sin, gain)
 
     def qk_fused(q, k, gain):
         return qk_norm_rope(q, cos, sin, gain), qk_norm_rope(k, cos, sin)
